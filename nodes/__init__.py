@@ -1,0 +1,16 @@
+"""ComfyUI glue of comfyui-sega: the nodes and the hooks that run sega_core inside ComfyUI's sampler."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .concept_nodes import SEGAConcept, SEGAConceptStack
+from .sampling_nodes import SEGAApply, SEGAGuider, SEGAKSampler
+
+
+class SEGAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [SEGAConcept, SEGAConceptStack, SEGAApply, SEGAGuider, SEGAKSampler]
+
+
+async def comfy_entrypoint() -> SEGAExtension:
+    return SEGAExtension()

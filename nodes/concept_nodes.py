@@ -1,0 +1,127 @@
+"""SEGA Concept and SEGA Concept Stack: build the list of concepts a SEGA sampler uses."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..sega_core import Concept
+from .concept_spec import SEGA_CONCEPTS, ConceptSpec
+from .errors import SEGAError
+from .schema import CATEGORY, schema
+
+Concepts = io.Custom(SEGA_CONCEPTS)
+NEVER = 10000  # cool-down value that never triggers (the reference's None)
+
+
+def _chain(concepts) -> list:
+    if concepts is None:
+        return []
+    if not isinstance(concepts, (list, tuple)) or not all(isinstance(c, ConceptSpec) for c in concepts):
+        raise SEGAError("SEGA: the concepts input must come from a SEGA Concept or SEGA Concept Stack node.")
+    return list(concepts)
+
+
+class SEGAConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="SEGAConcept",
+            display_name="SEGA Concept",
+            category=CATEGORY,
+            description=(
+                "One semantic concept to add to or remove from the image (SEGA, Brack et al. 2023). "
+                "Encode the concept's text with the same CLIP as the prompt."),
+            search_aliases=["semantic guidance", "sega", "concept edit", "edit concept"],
+            inputs=[
+                io.Conditioning.Input(
+                    "conditioning",
+                    tooltip="The concept's text, encoded with the CLIP of the model you sample with "
+                            "(CLIP Text Encode). Prompt weighting and SDXL's pooled output work as usual."),
+                io.Float.Input(
+                    "edit_scale", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                    tooltip="How strongly the concept is pushed (edit guidance scale s_e). 0 turns the concept "
+                            "off; the paper uses 3 to 10 (default 5). Too high burns the image."),
+                io.Combo.Input(
+                    "direction", options=["add", "remove"], default="add",
+                    tooltip="add: steer the image towards the concept (glasses, smile). remove: steer away from "
+                            "it (cars, text); the reference's reverse_editing_direction."),
+                io.Float.Input(
+                    "threshold", default=0.9, min=0.0, max=0.999, step=0.001, round=0.001,
+                    tooltip="Keeps only the strongest part of the edit: 0.9 keeps the top 10% of positions per "
+                            "channel, so the rest of the image stays. 0 keeps everything; the paper uses "
+                            "0.9 to 0.95. Must be below 1."),
+                io.Int.Input(
+                    "warmup", default=10, min=0, max=NEVER,
+                    tooltip="Sampler steps of this run before the concept acts (0-based, counted like the "
+                            "reference's edit_warmup_steps: 10 of 50 steps = the paper's default). The "
+                            "composition forms first, then the concept is edited in. 0 starts at once."),
+                io.Int.Input(
+                    "cooldown", default=NEVER, min=0, max=NEVER,
+                    tooltip="Sampler step of this run from which the concept stops acting (the reference's "
+                            "edit_cooldown_steps). Any value at or past the run's last step never stops it "
+                            "(the default 10000 = never). Its rows are then skipped, saving time."),
+                io.Float.Input(
+                    "weight", default=1.0, min=0.0, max=10.0, step=0.01, round=0.001,
+                    tooltip="Relative weight of this concept among several (edit weight). 1 is neutral; 0 "
+                            "turns it off."),
+                io.String.Input(
+                    "label", default="", optional=True,
+                    tooltip="A name for this concept in messages and previews (optional, e.g. 'glasses')."),
+                Concepts.Input(
+                    "concepts", optional=True,
+                    tooltip="Concepts to chain before this one (optional): lets you wire SEGA Concept nodes "
+                            "in a row instead of using a SEGA Concept Stack."),
+            ],
+            outputs=[Concepts.Output(display_name="concepts", tooltip="This concept, after any chained ones.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, threshold=0.9, warmup=10, cooldown=NEVER, **kwargs):
+        if not isinstance(threshold, (int, float)) or not (0.0 <= threshold < 1.0):
+            return f"SEGA Concept: threshold must be in [0, 1) (0.9 keeps the top 10%), got {threshold}."
+        return True
+
+    @classmethod
+    def execute(cls, conditioning, edit_scale, direction, threshold, warmup, cooldown, weight,
+                label="", concepts=None) -> io.NodeOutput:
+        if direction not in ("add", "remove"):
+            raise SEGAError(f"SEGA Concept: direction must be 'add' or 'remove', got {direction!r}.")
+        chain = _chain(concepts)
+        spec = ConceptSpec(
+            conditioning=conditioning,
+            concept=Concept(scale=float(edit_scale), threshold=float(threshold), warmup=int(warmup),
+                            cooldown=None if cooldown >= NEVER else int(cooldown), weight=float(weight),
+                            reverse=direction == "remove"),
+            label=str(label or "").strip(),
+        )
+        try:
+            spec.concept.validate(spec.describe(len(chain)))
+        except ValueError as e:
+            raise SEGAError(str(e)) from None
+        return io.NodeOutput(chain + [spec])
+
+
+class SEGAConceptStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        template = io.Autogrow.TemplatePrefix(
+            Concepts.Input("concepts", tooltip="A SEGA Concept (or another stack). A new slot appears "
+                                               "when you connect one."),
+            prefix="concepts", min=1, max=32)
+        return schema(
+            node_id="SEGAConceptStack",
+            display_name="SEGA Concept Stack",
+            category=CATEGORY,
+            description="Gathers any number of SEGA concepts, in order, for a SEGA sampler, guider or Apply node.",
+            search_aliases=["sega stack", "semantic guidance concepts"],
+            inputs=[io.Autogrow.Input(
+                "concepts", template=template,
+                tooltip="Connect SEGA Concept nodes; a new input appears for each one you connect.")],
+            outputs=[Concepts.Output(display_name="concepts", tooltip="All connected concepts, top to bottom.")],
+        )
+
+    @classmethod
+    def execute(cls, concepts: io.Autogrow.Type) -> io.NodeOutput:
+        out = []
+        for name in sorted((concepts or {}), key=lambda n: int(n[len("concepts"):] or 0)):
+            out += _chain(concepts[name])
+        return io.NodeOutput(out)

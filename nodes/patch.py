@@ -1,0 +1,248 @@
+"""SEGA on a ComfyUI MODEL, through hooks that compose with other nodes.
+
+No single-slot hook is taken (no sampler_cfg_function, no sampler_calc_cond_batch_function):
+- an OUTER_SAMPLE wrapper adds the concept conditionings to the guider, so ComfyUI's
+  process_conds treats them like positive and negative (areas, masks, timestep ranges,
+  SDXL's pooled output, ControlNet), and creates the run's state;
+- a SAMPLER_SAMPLE wrapper learns the run's sigma schedule and counts finished sampler
+  steps through the step callback, so multi-call samplers advance one step at a time;
+- a CALC_COND_BATCH wrapper appends the concepts a step needs to the main
+  [positive, negative] evaluation: one batched model call, as the reference does;
+- a post-cfg function adds SEGA's edit, computed by sega_core in noise space.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+
+import comfy.patcher_extension
+import comfy.sampler_helpers
+
+from ..sega_core import Plan, SEGAValueError, sega_step
+from .concept_spec import ConceptSpec
+from .errors import SEGAError
+
+log = logging.getLogger(__name__)
+
+KEY = "sega"  # wrapper key, shared by every SEGA patch: a newer patch replaces an older one
+RUN_KEY = "sega_run"  # where the per-run state sits in the sampling run's model_options
+_WRAPPERS = (
+    comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
+    comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE,
+    comfy.patcher_extension.WrappersMP.CALC_COND_BATCH,
+)
+# ComfyUI's samplers report step i through the callback right after its first model call, then
+# may call the model again for the same step (a corrector or a midpoint) before step i + 1.
+# Those extra calls per step, by sampler function; other samplers are taken to make none.
+EXTRA_CALLS = {
+    "sample_heun": 1, "sample_heunpp2": 2, "sample_dpm_2": 1, "sample_dpm_2_ancestral": 1,
+    "sample_dpm_2_ancestral_RF": 1, "sample_dpmpp_2s_ancestral": 1, "sample_dpmpp_2s_ancestral_RF": 1,
+    "sample_dpmpp_2s_ancestral_cfg_pp": 1, "sample_dpmpp_sde": 1, "sample_dpmpp_sde_gpu": 1,
+    "sample_seeds_2": 1, "sample_exp_heun_2_x0": 1, "sample_exp_heun_2_x0_sde": 1, "sample_seeds_3": 2,
+    "sample_sa_solver_pece": 1,
+}
+# calls past the expected ones without a step callback: the sampler reports no steps, read sigma instead
+_CALLS_WITHOUT_CALLBACK = 3
+
+
+def remove_sega(model) -> None:
+    """Take any SEGA patch off a (cloned) ModelPatcher."""
+    for kind in _WRAPPERS:
+        model.remove_wrappers_with_key(kind, KEY)
+    post = model.model_options.get("sampler_post_cfg_function")
+    if post:
+        model.model_options["sampler_post_cfg_function"] = [f for f in post if not hasattr(f, "sega_patch")]
+
+
+def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momentum_beta: float,
+               node: str = "SEGA Apply"):
+    """A clone of `model` that samples with SEGA. Inert settings return an unpatched clone."""
+    try:
+        for i, spec in enumerate(specs):
+            spec.concept.validate(spec.describe(i))
+        plan = Plan.build([s.concept for s in specs], momentum_scale, momentum_beta)
+    except SEGAValueError as e:
+        raise SEGAError(f"{node}: {e}") from None
+    m = model.clone()
+    remove_sega(m)
+    if plan.inert:
+        # nothing can change the image: leave the model exactly as it was (bit-identical output)
+        return m
+    patch = _Patch(list(specs), plan, node)
+    m.add_wrapper_with_key(_WRAPPERS[0], KEY, patch.outer_sample)
+    m.add_wrapper_with_key(_WRAPPERS[1], KEY, patch.sampler_sample)
+    m.add_wrapper_with_key(_WRAPPERS[2], KEY, patch.calc_cond_batch)
+
+    def post_cfg(args):
+        return patch.post_cfg(args)
+
+    post_cfg.sega_patch = patch
+    # the concepts are measured against the unconditional prediction, so it must be computed at cfg 1
+    m.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
+    return m
+
+
+class _Patch:
+    """The settings of one SEGA patch; holds no per-run state."""
+
+    def __init__(self, specs: list, plan: Plan, node: str):
+        self.specs = specs
+        self.plan = plan
+        self.node = node
+
+    # -- OUTER_SAMPLE: concepts into the guider, a fresh run state --------------------------
+    def outer_sample(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        noise, sigmas = args[0], args[3]
+        keys = self._add_concepts(guider, noise.shape[0])
+        run = _Run(self, guider, keys, sigmas)
+        guider.model_options[RUN_KEY] = run
+        try:
+            out = executor(*args, **kwargs)
+        finally:
+            guider.model_options.pop(RUN_KEY, None)
+        run.check_finite(out)
+        return out
+
+    def _add_concepts(self, guider, batch: int) -> list:
+        positive = guider.conds.get("positive") or []
+        p_attn = next((c["cross_attn"] for c in positive if c.get("cross_attn") is not None), None)
+        keys = []
+        for i, spec in enumerate(self.specs):
+            where = spec.describe(i)
+            cond = spec.conditioning
+            if not isinstance(cond, list) or not cond:
+                raise SEGAError(f"{where}: its conditioning input is empty; wire a CLIP Text Encode into it.")
+            for entry in cond:
+                attn = entry[0]
+                if p_attn is not None and attn is not None and attn.shape[-1] != p_attn.shape[-1]:
+                    raise SEGAError(
+                        f"{where}: its conditioning is {attn.shape[-1]} wide but the positive prompt's is "
+                        f"{p_attn.shape[-1]}: it was encoded for another model. Encode the concept with the "
+                        f"CLIP of the model you sample with.")
+                if attn is not None and attn.shape[0] not in (1, batch):
+                    raise SEGAError(
+                        f"{where}: its conditioning holds {attn.shape[0]} prompts but the latent batch has "
+                        f"{batch} images; use one prompt (it applies to every image) or one per image.")
+            key = f"sega_concept_{i}"
+            guider.conds[key] = comfy.sampler_helpers.convert_cond(cond)
+            keys.append(key)
+        return keys
+
+    # -- SAMPLER_SAMPLE: the schedule, and a step counter on the sampler's callback ------
+    def sampler_sample(self, executor, model_wrap, sigmas, extra_args, callback, *args, **kwargs):
+        run = extra_args.get("model_options", {}).get(RUN_KEY)
+        if run is not None and run.patch is self:
+            run.set_schedule(sigmas, executor.class_obj)
+            callback = run.wrap_callback(callback)
+        return executor(model_wrap, sigmas, extra_args, callback, *args, **kwargs)
+
+    # -- CALC_COND_BATCH: concept rows in the main evaluation ------------------------------
+    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        run = model_options.get(RUN_KEY)
+        if (run is None or run.patch is not self or len(conds) != 2 or conds[1] is None
+                or conds[0] is not run.guider.conds.get("positive")):
+            # another node's own evaluation (PAG's, say): leave it alone
+            return executor(model, conds, x_in, timestep, model_options)
+        step = run.step_for(timestep)
+        rows = self.plan.rows(step)
+        extra = [run.guider.conds[run.keys[c]] for c in rows]
+        out = executor(model, list(conds) + extra, x_in, timestep, model_options)
+        run.pending = (step, rows, out[2:])
+        return out[:2]
+
+    # -- post-cfg: the edit, in noise space -------------------------------------------------
+    def post_cfg(self, args):
+        denoised = args["denoised"]
+        run = args["model_options"].get(RUN_KEY)
+        if run is None or run.patch is not self or run.pending is None:
+            return denoised
+        step, rows, outs = run.pending
+        run.pending = None
+        x = args["input"]
+        sigma = args["sigma"].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        # eps = (x - D) / sigma for eps and v models; the velocity for flow models
+        uncond = (x - args["uncond_denoised"]) / sigma
+        preds = (x.unsqueeze(0) - torch.stack(outs)) / sigma if rows else None
+        edit, momentum = sega_step(uncond, preds, rows, step, self.plan, run.momentum_at(step))
+        run.after_step(momentum, uncond, preds, edit)
+        if edit is None:
+            return denoised
+        return denoised - sigma * edit
+
+
+class _Run:
+    """State of one sampling run: lives in that run's model_options and dies with it."""
+
+    def __init__(self, patch: _Patch, guider, keys: list, sigmas: torch.Tensor):
+        self.patch = patch
+        self.guider = guider
+        self.keys = keys
+        self.set_schedule(sigmas)
+        self.completed = 0  # sampler steps finished (step callbacks seen)
+        self.calls_since_callback = 0
+        self.pending = None  # (step, rows, concept outputs) from the main evaluation to post-cfg
+        self.step = None  # the step whose momentum is being formed
+        self.momentum = None  # momentum entering self.step
+        self.next_momentum = None
+        self.first_call = False
+        self.bad = []  # (step, what) device flags, read once after sampling
+
+    def set_schedule(self, sigmas: torch.Tensor, sampler=None) -> None:
+        self.sigmas = [float(s) for s in sigmas.detach().flatten().cpu()]
+        name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
+        self.extra_calls = EXTRA_CALLS.get(name, 0)
+
+    def wrap_callback(self, callback):
+        def counted(step, *args, **kwargs):
+            self.completed = step + 1
+            self.calls_since_callback = 0
+            if callback is not None:
+                return callback(step, *args, **kwargs)
+        return counted
+
+    def step_for(self, timestep: torch.Tensor) -> int:
+        """The sampler step of this model call (0-based), counted on the run's own schedule."""
+        self.calls_since_callback += 1
+        n = self.calls_since_callback
+        if n > self.extra_calls + _CALLS_WITHOUT_CALLBACK:
+            # a sampler that reports no steps: the number of scheduled sigmas above this one
+            s = float(timestep.max()) * (1 + 1e-5)
+            return max(self.completed, sum(1 for t in self.sigmas[:-1] if t > s))
+        if self.completed == 0:
+            return 0
+        # after step i's report come its extra calls (none on the last steps), then step i + 1
+        i = self.completed - 1
+        extra = min(self.extra_calls, len(self.sigmas) - 2 - i)
+        return i if n <= extra else i + 1
+
+    def momentum_at(self, step: int) -> Optional[torch.Tensor]:
+        """Momentum entering `step`; advances once per step, whatever the calls per step."""
+        if step != self.step:
+            if self.step is not None:
+                self.momentum = self.next_momentum
+            self.step = step
+            self.first_call = True
+        return self.momentum
+
+    def after_step(self, momentum, uncond, preds, edit) -> None:
+        if self.first_call:
+            self.next_momentum = momentum
+            self.first_call = False
+        self.bad.append((self.step, "the model's unconditional prediction", ~torch.isfinite(uncond).all()))
+        if preds is not None:
+            self.bad.append((self.step, "the model's concept predictions", ~torch.isfinite(preds).all()))
+        if edit is not None:
+            self.bad.append((self.step, "SEGA's edit", ~torch.isfinite(edit).all()))
+
+    def check_finite(self, out: torch.Tensor) -> None:
+        if bool(torch.isfinite(out).all()):
+            return
+        first = next(((s, what) for s, what, flag in self.bad if bool(flag)), None)
+        cause = (f"{first[1]} first became NaN or inf at step {first[0]}" if first
+                 else "the sampler produced NaN or inf")
+        raise SEGAError(
+            f"{self.patch.node}: sampling with SEGA gave NaN or inf ({cause}). Check the input latent and "
+            f"the model (fp16 overflow?), or lower the concepts' edit_scale.")

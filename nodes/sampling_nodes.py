@@ -1,0 +1,123 @@
+"""SEGA Apply, SEGA Guider and SEGA KSampler: three ways to sample with the same SEGA patch."""
+from __future__ import annotations
+
+import comfy.samplers
+import nodes as comfy_nodes
+from comfy_api.latest import io
+
+from .concept_nodes import Concepts, _chain
+from .patch import apply_sega
+from .schema import CATEGORY, schema
+
+
+def _momentum_inputs():
+    return [
+        io.Float.Input(
+            "momentum_scale", default=0.1, min=0.0, max=1.0, step=0.01, round=0.001,
+            tooltip="How much of the edit's running average is added each step (s_m). 0 turns momentum off "
+                    "(and lets SEGA skip concept rows before their warm-up); the paper uses 0.1 to 0.5."),
+        io.Float.Input(
+            "momentum_beta", default=0.4, min=0.0, max=0.999, step=0.01, round=0.001,
+            tooltip="How slowly the momentum forgets earlier steps (beta_m). 0 keeps only the last step; "
+                    "the paper uses 0.4 to 0.6."),
+    ]
+
+
+def _concepts_input():
+    return Concepts.Input(
+        "concepts", optional=True,
+        tooltip="From a SEGA Concept or SEGA Concept Stack. Left empty, sampling is exactly plain CFG.")
+
+
+class SEGAApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="SEGAApply",
+            display_name="SEGA Apply",
+            category=CATEGORY,
+            description="Patches a MODEL so that any sampler node (KSampler, KSamplerAdvanced, SamplerCustom, "
+                        "other packs') samples it with SEGA's concepts. Works with other model patches.",
+            search_aliases=["semantic guidance model patch", "sega model"],
+            inputs=[io.Model.Input("model", tooltip="The model to sample with SEGA."), _concepts_input(),
+                    *_momentum_inputs()],
+            outputs=[io.Model.Output(tooltip="The model with SEGA; use it in any sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, momentum_scale, momentum_beta, concepts=None) -> io.NodeOutput:
+        return io.NodeOutput(apply_sega(model, _chain(concepts), momentum_scale, momentum_beta, "SEGA Apply"))
+
+
+class SEGAGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="SEGAGuider",
+            display_name="SEGA Guider",
+            category=CATEGORY,
+            description="A CFG guider with SEGA's concepts, for SamplerCustomAdvanced.",
+            search_aliases=["semantic guidance guider", "sega cfg guider"],
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with."),
+                io.Conditioning.Input("positive", tooltip="The prompt."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (the unconditional prediction "
+                                                          "SEGA measures concepts against)."),
+                _concepts_input(),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (the paper's 7.5). SEGA also acts "
+                                       "at 1.0, e.g. for guidance-distilled models."),
+                *_momentum_inputs(),
+            ],
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, momentum_scale, momentum_beta, concepts=None) -> io.NodeOutput:
+        guider = comfy.samplers.CFGGuider(
+            apply_sega(model, _chain(concepts), momentum_scale, momentum_beta, "SEGA Guider"))
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)
+
+
+class SEGAKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="SEGAKSampler",
+            display_name="SEGA KSampler",
+            category=CATEGORY,
+            description="KSampler with SEGA: adds or removes the concepts while keeping the composition.",
+            search_aliases=["semantic guidance sampler", "sega sampler", "sega ksampler"],
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The random seed of the initial noise."),
+                io.Int.Input("steps", default=50, min=1, max=10000,
+                             tooltip="Sampler steps (the paper's 50). Warm-up and cool-down count these."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (the paper's 7.5)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="The sampling algorithm."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                               tooltip="The noise schedule."),
+                io.Conditioning.Input("positive", tooltip="The prompt."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (the unconditional prediction "
+                                                          "SEGA measures concepts against)."),
+                _concepts_input(),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (Empty Latent Image for txt2img)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the latent is replaced: 1 for txt2img, below 1 for img2img."),
+                *_momentum_inputs(),
+            ],
+            outputs=[io.Latent.Output(tooltip="The denoised latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                denoise, momentum_scale, momentum_beta, concepts=None) -> io.NodeOutput:
+        model = apply_sega(model, _chain(concepts), momentum_scale, momentum_beta, "SEGA KSampler")
+        out = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                          latent_image, denoise=denoise)
+        return io.NodeOutput(out[0])

@@ -1,0 +1,105 @@
+"""Per-concept settings of SEGA and their once-per-run preparation."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+
+class SEGAValueError(ValueError):
+    """A SEGA setting is out of range. The message names the setting and the fix."""
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One editing concept's settings, with the paper's defaults (Sec. 3, App. D).
+
+    scale:     edit guidance scale s_e (5); 0 turns the concept off.
+    threshold: percentile lambda in [0, 1) of |edit| kept per sample and channel (0.9).
+    warmup:    delta, the first sampler step (0-based) at which the edit is applied (10).
+    cooldown:  the step from which the edit is zero; None never cools down.
+    weight:    g_i, relative weight among concepts (1.0); negative values count as 0.
+    reverse:   True moves the image away from the concept ("remove"), False towards it.
+    """
+
+    scale: float = 5.0
+    threshold: float = 0.9
+    warmup: int = 10
+    cooldown: Optional[int] = None
+    weight: float = 1.0
+    reverse: bool = False
+
+    def validate(self, where: str = "SEGA Concept") -> "Concept":
+        if not math.isfinite(self.scale):
+            raise SEGAValueError(f"{where}: edit_scale must be a finite number, got {self.scale}.")
+        if not (0.0 <= self.threshold < 1.0) or math.isnan(self.threshold):
+            raise SEGAValueError(
+                f"{where}: threshold must be in [0, 1) (0.9 keeps the top 10% of the edit), got {self.threshold}.")
+        if not math.isfinite(self.weight):
+            raise SEGAValueError(f"{where}: weight must be a finite number, got {self.weight}.")
+        if self.warmup < 0:
+            raise SEGAValueError(f"{where}: warmup must be >= 0 steps, got {self.warmup}.")
+        if self.cooldown is not None and self.cooldown < 0:
+            raise SEGAValueError(f"{where}: cooldown must be >= 0 steps (or off), got {self.cooldown}.")
+        return self
+
+
+@dataclass(frozen=True)
+class Plan:
+    """SEGA settings of one run, resolved once before sampling (not re-read per step).
+
+    Holds plain per-concept lists: step bookkeeping stays on the host side,
+    and the tensors built from them are cached per device by `sega_step`.
+    """
+
+    signed_scale: tuple  # s_e, negated for reverse concepts
+    threshold: tuple
+    warmup: tuple
+    cooldown: tuple  # math.inf for "never"
+    weight: tuple  # clamped to >= 0 as the reference does
+    momentum_scale: float = 0.1  # s_m
+    momentum_beta: float = 0.4  # beta_m
+
+    @classmethod
+    def build(cls, concepts: Sequence[Concept], momentum_scale: float = 0.1, momentum_beta: float = 0.4) -> "Plan":
+        if not math.isfinite(momentum_scale):
+            raise SEGAValueError(f"SEGA: momentum_scale must be finite, got {momentum_scale}.")
+        if not (0.0 <= momentum_beta <= 1.0):
+            raise SEGAValueError(f"SEGA: momentum_beta must be in [0, 1], got {momentum_beta}.")
+        for c in concepts:
+            c.validate()
+        return cls(
+            signed_scale=tuple(-float(c.scale) if c.reverse else float(c.scale) for c in concepts),
+            threshold=tuple(float(c.threshold) for c in concepts),
+            warmup=tuple(int(c.warmup) for c in concepts),
+            cooldown=tuple(math.inf if c.cooldown is None else int(c.cooldown) for c in concepts),
+            weight=tuple(max(float(c.weight), 0.0) for c in concepts),
+            momentum_scale=float(momentum_scale),
+            momentum_beta=float(momentum_beta),
+        )
+
+    def __len__(self) -> int:
+        return len(self.signed_scale)
+
+    @property
+    def inert(self) -> bool:
+        """True when no concept can ever change the image (empty, or every scale or weight 0)."""
+        return not any(s != 0.0 and w > 0.0 for s, w in zip(self.signed_scale, self.weight))
+
+    def warmed(self, step: int) -> list:
+        """Concepts past their warm-up at `step` (cooled-down ones included, as in the reference)."""
+        return [step >= w for w in self.warmup]
+
+    def rows(self, step: int) -> list:
+        """Indices of the concepts whose predictions `sega_step` needs at `step`.
+
+        A concept is left out when its edit is zero this step: cooled down, scale 0 or
+        weight 0; and before its warm-up when momentum is off (its edit would only feed
+        a momentum that is never applied). The result equals computing every concept.
+        """
+        use_momentum = self.momentum_scale != 0.0
+        return [
+            c for c in range(len(self))
+            if step < self.cooldown[c] and self.signed_scale[c] != 0.0 and self.weight[c] > 0.0
+            and (step >= self.warmup[c] or use_momentum)
+        ]
