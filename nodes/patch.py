@@ -147,10 +147,11 @@ class _Patch:
             # another node's own evaluation (PAG's, say): leave it alone
             return executor(model, conds, x_in, timestep, model_options)
         step = run.step_for(timestep)
-        rows = self.plan.rows(step)
+        inactive = run.out_of_range(step)
+        rows = [c for c in self.plan.rows(step) if c not in inactive]
         extra = [run.guider.conds[run.keys[c]] for c in rows]
         out = executor(model, list(conds) + extra, x_in, timestep, model_options)
-        run.pending = (step, rows, out[2:])
+        run.pending = (step, rows, inactive, out[2:])
         return out[:2]
 
     # -- post-cfg: the edit, in noise space -------------------------------------------------
@@ -159,14 +160,14 @@ class _Patch:
         run = args["model_options"].get(RUN_KEY)
         if run is None or run.patch is not self or run.pending is None:
             return denoised
-        step, rows, outs = run.pending
+        step, rows, inactive, outs = run.pending
         run.pending = None
         x = args["input"]
         sigma = args["sigma"].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
         # eps = (x - D) / sigma for eps and v models; the velocity for flow models
         uncond = (x - args["uncond_denoised"]) / sigma
         preds = (x.unsqueeze(0) - torch.stack(outs)) / sigma if rows else None
-        edit, momentum = sega_step(uncond, preds, rows, step, self.plan, run.momentum_at(step))
+        edit, momentum = sega_step(uncond, preds, rows, step, self.plan, run.momentum_at(step), inactive)
         run.after_step(momentum, uncond, preds, edit)
         if edit is None:
             return denoised
@@ -218,6 +219,17 @@ class _Run:
         extra = min(self.extra_calls, len(self.sigmas) - 2 - i)
         return i if n <= extra else i + 1
 
+    def out_of_range(self, step: int) -> list:
+        """Concepts whose conditioning is outside its timestep range (ConditioningSetTimestepRange)
+        at this step's scheduled sigma: ComfyUI gives such a cond no prediction, so no edit."""
+        sigma = self.sigmas[min(step, len(self.sigmas) - 1)]
+        out = []
+        for c, key in enumerate(self.keys):
+            entries = self.guider.conds.get(key) or []
+            if not any(_in_range(e, sigma) for e in entries):
+                out.append(c)
+        return out
+
     def momentum_at(self, step: int) -> Optional[torch.Tensor]:
         """Momentum entering `step`; advances once per step, whatever the calls per step."""
         if step != self.step:
@@ -246,3 +258,9 @@ class _Run:
         raise SEGAError(
             f"{self.patch.node}: sampling with SEGA gave NaN or inf ({cause}). Check the input latent and "
             f"the model (fp16 overflow?), or lower the concepts' edit_scale.")
+
+
+def _in_range(entry: dict, sigma: float) -> bool:
+    """The timestep test of comfy.samplers.get_area_and_mult, on the host."""
+    start, end = entry.get("timestep_start"), entry.get("timestep_end")
+    return not ((start is not None and sigma > start) or (end is not None and sigma < end))

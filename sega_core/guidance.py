@@ -64,6 +64,7 @@ def sega_step(
     step: int,
     plan: Plan,
     momentum: Optional[torch.Tensor],
+    inactive: Sequence[int] = (),
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """SEGA's edit for one sampler step, and the momentum after it.
 
@@ -71,6 +72,8 @@ def sega_step(
     concept_preds: (len(rows), B, C, ...) noise predictions of the concepts `rows`
                    (as given by `plan.rows(step)`); None when `rows` is empty.
     momentum:      (B, C, ...) momentum v_t, or None for zero.
+    inactive:      concepts that make no edit this step, as if cooled down (e.g. outside the
+                   timestep range of their conditioning).
     Returns (edit, momentum'): edit is added to the CFG noise prediction
     (eps = u + s_g (t - u) + edit), or None for no edit this step.
 
@@ -79,6 +82,7 @@ def sega_step(
     0 by 0 and returns NaN) and thresholds are always computed in float32.
     """
     n = len(plan)
+    live = [step < plan.cooldown[c] and c not in inactive for c in range(n)]
     warmed = plan.warmed(step)
     n_warm = sum(warmed)
     total = None
@@ -90,12 +94,12 @@ def sega_step(
             d = threshold_edit(d, qs[0])
         else:
             d = torch.stack([threshold_edit(d[k], q, lead=0) for k, q in enumerate(qs)])
-        w = [plan.weight[c] for c in rows]
+        w = [plan.weight[c] if live[c] else 0.0 for c in rows]
         total = (d * _per_concept(w, d)).sum(0)  # Eq. 6 without normalisation, as in the reference
         if 0 < n_warm < n:
             # Only some concepts warmed up: their weights are normalised to sum 1 (cooled-down
             # concepts count with weight 0); no momentum in this branch.
-            norm = sum(plan.weight[c] for c in range(n) if warmed[c] and step < plan.cooldown[c])
+            norm = sum(plan.weight[c] for c in range(n) if warmed[c] and live[c])
             ks = [k for k, c in enumerate(rows) if warmed[c]]
             if norm > 0 and ks:
                 sel = d[ks] if len(ks) < len(rows) else d
