@@ -19,6 +19,7 @@ import torch
 
 import comfy.patcher_extension
 import comfy.sampler_helpers
+import comfy.samplers
 
 from ..sega_core import Plan, SEGAValueError, sega_step
 from .concept_spec import ConceptSpec
@@ -151,7 +152,8 @@ class _Patch:
         rows = [c for c in self.plan.rows(step) if c not in inactive]
         extra = [run.guider.conds[run.keys[c]] for c in rows]
         out = executor(model, list(conds) + extra, x_in, timestep, model_options)
-        run.pending = (step, rows, inactive, out[2:])
+        covered = [run.coverage(c, x_in, timestep) for c in rows]
+        run.pending = (step, rows, inactive, out[2:], covered)
         return out[:2]
 
     # -- post-cfg: the edit, in noise space -------------------------------------------------
@@ -160,12 +162,16 @@ class _Patch:
         run = args["model_options"].get(RUN_KEY)
         if run is None or run.patch is not self or run.pending is None:
             return denoised
-        step, rows, inactive, outs = run.pending
+        step, rows, inactive, outs, covered = run.pending
         run.pending = None
         x = args["input"]
         sigma = args["sigma"].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        uncond_denoised = args["uncond_denoised"]
+        # where a concept's area or mask leaves the latent uncovered, ComfyUI returns zeros:
+        # there the concept makes no edit (its prediction is taken to be the unconditional one)
+        outs = [o if m is None else torch.where(m, o, uncond_denoised) for o, m in zip(outs, covered)]
         # eps = (x - D) / sigma for eps and v models; the velocity for flow models
-        uncond = (x - args["uncond_denoised"]) / sigma
+        uncond = (x - uncond_denoised) / sigma
         preds = (x.unsqueeze(0) - torch.stack(outs)) / sigma if rows else None
         edit, momentum = sega_step(uncond, preds, rows, step, self.plan, run.momentum_at(step), inactive)
         run.after_step(momentum, uncond, preds, edit)
@@ -218,6 +224,30 @@ class _Run:
         i = self.completed - 1
         extra = min(self.extra_calls, len(self.sigmas) - 2 - i)
         return i if n <= extra else i + 1
+
+    def coverage(self, c: int, x_in: torch.Tensor, timestep: torch.Tensor) -> Optional[torch.Tensor]:
+        """Where concept c's conditioning gives a prediction: None for everywhere, else a bool map.
+
+        Only concepts with an area or a mask (ConditioningSetArea, ConditioningSetMask) get a map;
+        it is built with ComfyUI's own get_area_and_mult, as calc_cond_batch places them.
+        """
+        entries = self.guider.conds.get(self.keys[c]) or []
+        if not any("area" in e or "mask" in e for e in entries):
+            return None
+        cover = torch.zeros_like(x_in)
+        for e in entries:
+            p = comfy.samplers.get_area_and_mult(e, x_in, timestep)
+            if p is None:
+                continue
+            if p.area is None and "mask" not in e:
+                return None
+            target = cover
+            if p.area is not None:
+                dims = len(p.area) // 2
+                for i in range(dims):
+                    target = target.narrow(i + 2, p.area[i + dims], p.area[i])
+            target += p.mult
+        return cover > 0
 
     def out_of_range(self, step: int) -> list:
         """Concepts whose conditioning is outside its timestep range (ConditioningSetTimestepRange)
