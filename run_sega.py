@@ -50,6 +50,8 @@ def use_comfyui(root: Path) -> None:
     """Put ComfyUI first on sys.path and select the CPU when torch has no GPU (before comfy imports)."""
     if str(root) not in sys.path[:1]:
         sys.path.insert(0, str(root))
+    if "utils" not in sys.modules and (root / "utils" / "__init__.py").is_file():
+        import utils  # noqa: F401  (ComfyUI's utils/ package, bound first as main.py does)
     import torch
 
     if not torch.cuda.is_available():
@@ -61,7 +63,11 @@ def use_comfyui(root: Path) -> None:
 def init_nodes(load_pack: bool = True) -> None:
     """Load ComfyUI's built-in and custom nodes; load this pack too if it is not in custom_nodes/."""
     import nodes
+    import server
 
+    # a PromptServer that is never started, as main.py makes one: some nodes use it while loading
+    if getattr(server.PromptServer, "instance", None) is None:
+        server.PromptServer(asyncio.new_event_loop())
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     if load_pack and "SEGAKSampler" not in nodes.NODE_CLASS_MAPPINGS:
         asyncio.run(nodes.load_custom_node(str(PACK_ROOT)))
@@ -71,6 +77,14 @@ def init_nodes(load_pack: bool = True) -> None:
 
 class PromptError(RuntimeError):
     """A prompt failed validation or execution; the message is ComfyUI's."""
+
+
+class PromptValidationError(PromptError):
+    """ComfyUI's validation refused the prompt; the message lists every node error."""
+
+
+class PromptExecutionError(PromptError):
+    """A node failed while the prompt ran; the message has the node, the exception and its traceback."""
 
 
 class _Server:
@@ -103,7 +117,7 @@ def execute_prompt(prompt: dict, server=None) -> dict:
     prompt_id = uuid.uuid4().hex
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:
-        raise PromptError(_validation_message(error, node_errors))
+        raise PromptValidationError(_validation_message(error, node_errors))
     server = server or _Server()
     executor = execution.PromptExecutor(server, cache_type=execution.CacheType.NONE,
                                         cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
@@ -112,12 +126,12 @@ def execute_prompt(prompt: dict, server=None) -> dict:
     for event, data in events:
         if event == "execution_error":
             tb = "".join(data.get("traceback") or [])
-            raise PromptError(f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+            raise PromptExecutionError(f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
                               f"{data.get('exception_type')}: {data.get('exception_message')}\n{tb}")
         if event == "execution_interrupted":
-            raise PromptError(f"interrupted at node {data.get('node_id')} ({data.get('node_type')})")
-    if not executor.success:
-        raise PromptError(f"the prompt did not finish; events: {[e for e, _ in events]}")
+            raise PromptExecutionError(f"interrupted at node {data.get('node_id')} ({data.get('node_type')})")
+    if not executor.success or not any(event == "execution_success" for event, _ in events):
+        raise PromptExecutionError(f"the prompt did not finish; events: {[e for e, _ in events]}")
     return executor.history_result["outputs"]
 
 
