@@ -267,6 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=512)
+    p.add_argument("--output-dir", help="where the image goes (default: ComfyUI's output folder)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -276,6 +277,9 @@ def main(argv=None) -> int:
         return 2
     use_comfyui(root)
     import folder_paths
+
+    if args.output_dir:
+        folder_paths.set_output_directory(str(Path(args.output_dir).resolve()))
 
     if args.tiny:
         ckpt_path = tiny_checkpoint()
