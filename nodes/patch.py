@@ -12,7 +12,9 @@ No single-slot hook is taken (no sampler_cfg_function, no sampler_calc_cond_batc
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -23,31 +25,27 @@ import comfy.samplers
 
 from ..sega_core import Plan, SEGAValueError, sega_step
 from .concept_spec import ConceptSpec
+from .edit_files import EditRecord, save_path
 from .errors import SEGAError
+from .steps import StepClock
 
 log = logging.getLogger(__name__)
 
 KEY = "sega"  # wrapper key, shared by every SEGA patch: a newer patch replaces an older one
 RUN_KEY = "sega_run"  # where the per-run state sits in the sampling run's model_options
+RECORD_KEY = "sega_record"  # set by SEGA Save Edit: a RecordSpec in the model's options
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """Save the edit of every run of this model, under this prefix in ComfyUI's output folder."""
+
+    prefix: str
 _WRAPPERS = (
     comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
     comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE,
     comfy.patcher_extension.WrappersMP.CALC_COND_BATCH,
 )
-# ComfyUI's samplers report step i through the callback right after its first model call, then
-# may call the model again for the same step (a corrector or a midpoint) before step i + 1.
-# Those extra calls per step, by sampler function; other samplers are taken to make none.
-EXTRA_CALLS = {
-    "sample_heun": 1, "sample_heunpp2": 2, "sample_dpm_2": 1, "sample_dpm_2_ancestral": 1,
-    "sample_dpm_2_ancestral_RF": 1, "sample_dpmpp_2s_ancestral": 1, "sample_dpmpp_2s_ancestral_RF": 1,
-    "sample_dpmpp_2s_ancestral_cfg_pp": 1, "sample_dpmpp_sde": 1, "sample_dpmpp_sde_gpu": 1,
-    "sample_seeds_2": 1, "sample_exp_heun_2_x0": 1, "sample_exp_heun_2_x0_sde": 1, "sample_seeds_3": 2,
-    "sample_sa_solver_pece": 1,
-}
-# calls past the expected ones without a step callback: the sampler reports no steps, read sigma instead
-_CALLS_WITHOUT_CALLBACK = 3
-
-
 def remove_sega(model) -> None:
     """Take any SEGA patch off a (cloned) ModelPatcher."""
     for kind in _WRAPPERS:
@@ -99,13 +97,24 @@ class _Patch:
         noise, sigmas = args[0], args[3]
         keys = self._add_concepts(guider, noise.shape[0])
         run = _Run(self, guider, keys, sigmas)
+        record = guider.model_options.get(RECORD_KEY)
+        if record is not None:
+            run.recording = EditRecord(terms={}, sigmas=run.sigmas, shape=list(noise.shape), settings=self.settings())
         guider.model_options[RUN_KEY] = run
         try:
             out = executor(*args, **kwargs)
         finally:
             guider.model_options.pop(RUN_KEY, None)
         run.check_finite(out)
+        if record is not None:
+            path = run.recording.save(save_path(record.prefix))
+            log.info("SEGA Save Edit: saved the edit of %d steps to %s", len(run.recording.terms), path)
         return out
+
+    def settings(self) -> dict:
+        """The SEGA settings of this patch, as saved with a recorded edit."""
+        return {"concepts": [dict(label=s.label, **dataclasses.asdict(s.concept)) for s in self.specs],
+                "momentum_scale": self.plan.momentum_scale, "momentum_beta": self.plan.momentum_beta}
 
     def _add_concepts(self, guider, batch: int) -> list:
         positive = guider.conds.get("positive") or []
@@ -136,8 +145,8 @@ class _Patch:
     def sampler_sample(self, executor, model_wrap, sigmas, extra_args, callback, *args, **kwargs):
         run = extra_args.get("model_options", {}).get(RUN_KEY)
         if run is not None and run.patch is self:
-            run.set_schedule(sigmas, executor.class_obj)
-            callback = run.wrap_callback(callback)
+            run.clock.set_schedule(sigmas, executor.class_obj)
+            callback = run.clock.wrap_callback(callback)
         return executor(model_wrap, sigmas, extra_args, callback, *args, **kwargs)
 
     # -- CALC_COND_BATCH: concept rows in the main evaluation ------------------------------
@@ -147,7 +156,7 @@ class _Patch:
                 or conds[0] is not run.guider.conds.get("positive")):
             # another node's own evaluation (PAG's, say): leave it alone
             return executor(model, conds, x_in, timestep, model_options)
-        step = run.step_for(timestep)
+        step = run.clock.step_for(timestep)
         inactive = run.out_of_range(step)
         rows = [c for c in self.plan.rows(step) if c not in inactive]
         extra = [run.guider.conds[run.keys[c]] for c in rows]
@@ -175,6 +184,8 @@ class _Patch:
         preds = (x.unsqueeze(0) - torch.stack(outs)) / sigma if rows else None
         edit, momentum = sega_step(uncond, preds, rows, step, self.plan, run.momentum_at(step), inactive)
         run.after_step(momentum, uncond, preds, edit)
+        if run.recording is not None and edit is not None and step not in run.recording.terms:
+            run.recording.terms[step] = edit.detach().clone()
         if edit is None:
             return denoised
         return denoised - sigma * edit
@@ -187,43 +198,18 @@ class _Run:
         self.patch = patch
         self.guider = guider
         self.keys = keys
-        self.set_schedule(sigmas)
-        self.completed = 0  # sampler steps finished (step callbacks seen)
-        self.calls_since_callback = 0
-        self.pending = None  # (step, rows, concept outputs) from the main evaluation to post-cfg
+        self.clock = StepClock(sigmas)
+        self.pending = None  # (step, rows, inactive, concept outputs, coverage) for post-cfg
         self.step = None  # the step whose momentum is being formed
         self.momentum = None  # momentum entering self.step
         self.next_momentum = None
         self.first_call = False
         self.bad = []  # (step, what) device flags, read once after sampling
+        self.recording = None  # EditRecord when the model went through SEGA Save Edit
 
-    def set_schedule(self, sigmas: torch.Tensor, sampler=None) -> None:
-        self.sigmas = [float(s) for s in sigmas.detach().flatten().cpu()]
-        name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
-        self.extra_calls = EXTRA_CALLS.get(name, 0)
-
-    def wrap_callback(self, callback):
-        def counted(step, *args, **kwargs):
-            self.completed = step + 1
-            self.calls_since_callback = 0
-            if callback is not None:
-                return callback(step, *args, **kwargs)
-        return counted
-
-    def step_for(self, timestep: torch.Tensor) -> int:
-        """The sampler step of this model call (0-based), counted on the run's own schedule."""
-        self.calls_since_callback += 1
-        n = self.calls_since_callback
-        if n > self.extra_calls + _CALLS_WITHOUT_CALLBACK:
-            # a sampler that reports no steps: the number of scheduled sigmas above this one
-            s = float(timestep.max()) * (1 + 1e-5)
-            return max(self.completed, sum(1 for t in self.sigmas[:-1] if t > s))
-        if self.completed == 0:
-            return 0
-        # after step i's report come its extra calls (none on the last steps), then step i + 1
-        i = self.completed - 1
-        extra = min(self.extra_calls, len(self.sigmas) - 2 - i)
-        return i if n <= extra else i + 1
+    @property
+    def sigmas(self) -> list:
+        return self.clock.sigmas
 
     def coverage(self, c: int, x_in: torch.Tensor, timestep: torch.Tensor) -> Optional[torch.Tensor]:
         """Where concept c's conditioning gives a prediction: None for everywhere, else a bool map.

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-SEGA_NODES = ["SEGAConcept", "SEGAConceptStack", "SEGAApply", "SEGAGuider", "SEGAKSampler"]
+SEGA_NODES = ["SEGAConcept", "SEGAConceptStack", "SEGAApply", "SEGAGuider", "SEGAKSampler", "SEGASaveEdit",
+              "SEGAReplayEdit"]
 
 
 @pytest.fixture(scope="module")
