@@ -42,11 +42,12 @@ def pack_module(name: str):
 
 
 def tiny_sd15_model(seed: int = 0):
-    """A ModelPatcher around ComfyUI's SD15 model with a ~21 M parameter UNet (random weights)."""
+    """A ModelPatcher around ComfyUI's SD15 model with a small UNet (random weights); its middle block
+    has a transformer, so attention patches such as PAG's act on it."""
     cfg = dict(comfy.supported_models.SD15.unet_config)
     cfg.update(comfy.supported_models.SD15.unet_extra_config)
     cfg.update({"in_channels": 4, "out_channels": 4, "num_res_blocks": [1], "channel_mult": [1],
-                "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": -1,
+                "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": 1,
                 "use_spatial_transformer": True, "legacy": False, "image_size": 32, "use_checkpoint": False,
                 "num_classes": None, "dtype": torch.float32, "adm_in_channels": None})
     model = comfy.supported_models.SD15(cfg).get_model({})

@@ -293,3 +293,24 @@ def test_sdxl_concept_rows_get_their_own_pooled_output():
         for row, which in enumerate(order):
             expected = {0: pos, 1: neg, 2: c1, 3: c2}[which][0][1]["pooled_output"][0]
             torch.testing.assert_close(y[row, :1280], expected)
+
+
+def test_composes_with_rescale_cfg_zero_star_and_pag_at_once(model, prompts):
+    """SEGA, RescaleCFG (cfg slot), CFGZeroStar (post-cfg) and PAG (post-cfg + attention patch) on one model."""
+    pos, neg, c1, _ = prompts
+    patches = {"sega": lambda m: apply_sega(m, [concept(c1, warmup=0)]), "rescale": _rescale_cfg,
+               "zero_star": _cfg_zero_star, "pag": _pag}
+
+    def build(names, base):
+        m = base
+        for name in names:
+            m = patches[name](m)
+        return m
+
+    counter = RowCounter()
+    everything = sample(build(list(patches), counter.attach(model)), pos, neg, steps=4)
+    assert torch.isfinite(everything).all()
+    assert counter.rows == [3, 1] * 4  # SEGA's concept in the main call, PAG's own call
+    for left_out in patches:
+        others = sample(build([n for n in patches if n != left_out], model), pos, neg, steps=4)
+        assert (everything - others).abs().max() > 1e-4, f"{left_out} had no effect next to the others"
