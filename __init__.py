@@ -8,6 +8,8 @@ except ImportError:  # ComfyUI from before the V3 node API
 
 if hasattr(_io, "Autogrow"):
     from .nodes import comfy_entrypoint  # noqa: F401
+
+    WEB_DIRECTORY = "./js"  # the frontend extension (served once: pyproject has no [tool.comfy] web)
 else:
     # ComfyUI before v0.8.0 lacks the node API this pack is built on: register nothing, keep ComfyUI running.
     logging.getLogger(__name__).warning(
