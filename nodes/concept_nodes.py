@@ -70,6 +70,12 @@ class SEGAConcept(io.ComfyNode):
                     "concepts", optional=True,
                     tooltip="Concepts to chain before this one (optional): lets you wire SEGA Concept nodes "
                             "in a row instead of using a SEGA Concept Stack."),
+                io.Mask.Input(
+                    "mask", optional=True,
+                    tooltip="Where this concept may edit (optional): 1 inside, 0 outside, soft values "
+                            "(a feathered or blurred mask) fade the edit. Resized to the latent. The concept's "
+                            "threshold is still taken over the whole image, so a small mask keeps little: "
+                            "lower the threshold (e.g. 0.5) to edit more inside it. Empty: the whole image."),
             ],
             outputs=[Concepts.Output(display_name="concepts", tooltip="This concept, after any chained ones.")],
         )
@@ -82,7 +88,7 @@ class SEGAConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, edit_scale, direction, threshold, warmup, cooldown, weight,
-                label="", concepts=None) -> io.NodeOutput:
+                label="", concepts=None, mask=None) -> io.NodeOutput:
         if direction not in ("add", "remove"):
             raise SEGAError(f"SEGA Concept: direction must be 'add' or 'remove', got {direction!r}.")
         chain = _chain(concepts)
@@ -92,6 +98,7 @@ class SEGAConcept(io.ComfyNode):
                             cooldown=None if cooldown >= NEVER else int(cooldown), weight=float(weight),
                             reverse=direction == "remove"),
             label=str(label or "").strip(),
+            mask=mask,
         )
         try:
             spec.concept.validate(spec.describe(len(chain)))

@@ -19,7 +19,8 @@ from .errors import SEGAError
 
 FORMAT = "comfyui-sega.edit/1"
 SUFFIX = ".safetensors"
-ROOTS = {"output": folder_paths.get_output_directory, "input": folder_paths.get_input_directory}
+# looked up at call time: ComfyUI (and --output-directory) may change the folders after import
+ROOTS = {"output": lambda: folder_paths.get_output_directory(), "input": lambda: folder_paths.get_input_directory()}
 
 
 def _inside(path: str, root: str) -> bool:

@@ -56,8 +56,14 @@ def remove_sega(model) -> None:
 
 
 def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momentum_beta: float,
-               node: str = "SEGA Apply"):
-    """A clone of `model` that samples with SEGA. Inert settings return an unpatched clone."""
+               node: str = "SEGA Apply", start_at_step: int = 0):
+    """A clone of `model` that samples with SEGA. Inert settings return an unpatched clone.
+
+    start_at_step: the step of the full schedule at which this model's sampling runs start, for a
+    run split across samplers (KSamplerAdvanced's start_at_step): warm-up and cool-down then count
+    steps of the full schedule. A sampling run cannot see its place in a longer schedule, so the
+    workflow says it.
+    """
     try:
         for i, spec in enumerate(specs):
             spec.concept.validate(spec.describe(i))
@@ -69,7 +75,9 @@ def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momen
     if plan.inert:
         # nothing can change the image: leave the model exactly as it was (bit-identical output)
         return m
-    patch = _Patch(list(specs), plan, node)
+    if start_at_step < 0:
+        raise SEGAError(f"{node}: start_at_step must be >= 0, got {start_at_step}.")
+    patch = _Patch(list(specs), plan, node, int(start_at_step))
     m.add_wrapper_with_key(_WRAPPERS[0], KEY, patch.outer_sample)
     m.add_wrapper_with_key(_WRAPPERS[1], KEY, patch.sampler_sample)
     m.add_wrapper_with_key(_WRAPPERS[2], KEY, patch.calc_cond_batch)
@@ -86,10 +94,11 @@ def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momen
 class _Patch:
     """The settings of one SEGA patch; holds no per-run state."""
 
-    def __init__(self, specs: list, plan: Plan, node: str):
+    def __init__(self, specs: list, plan: Plan, node: str, start_at_step: int = 0):
         self.specs = specs
         self.plan = plan
         self.node = node
+        self.start_at_step = start_at_step  # the full schedule's step at which each run starts
 
     # -- OUTER_SAMPLE: concepts into the guider, a fresh run state --------------------------
     def outer_sample(self, executor, *args, **kwargs):
@@ -119,6 +128,13 @@ class _Patch:
     def _add_concepts(self, guider, batch: int) -> list:
         positive = guider.conds.get("positive") or []
         p_attn = next((c["cross_attn"] for c in positive if c.get("cross_attn") is not None), None)
+        # A concept is measured against the negative's prediction, so it is evaluated under the same
+        # model changes: a concept conditioning without its own ControlNet or hooks (LoRA hooks) gets
+        # the negative's. (A ControlNet applied to the positive only reaches the other conds through
+        # process_conds, as ComfyUI does for the negative.)
+        negative = guider.conds.get("negative") or []
+        inherit = {k: next((c[k] for c in negative if c.get(k) is not None), None) for k in ("control", "hooks")}
+        inherit = {k: v for k, v in inherit.items() if v is not None}
         keys = []
         for i, spec in enumerate(self.specs):
             where = spec.describe(i)
@@ -136,8 +152,23 @@ class _Patch:
                     raise SEGAError(
                         f"{where}: its conditioning holds {attn.shape[0]} prompts but the latent batch has "
                         f"{batch} images; use one prompt (it applies to every image) or one per image.")
+            mask = spec.mask
+            if mask is not None and mask.dim() == 3 and mask.shape[0] not in (1, batch):
+                raise SEGAError(
+                    f"{where}: its mask holds {mask.shape[0]} masks but the latent batch has {batch} images; "
+                    f"use one mask (it applies to every image) or one per image.")
             key = f"sega_concept_{i}"
-            guider.conds[key] = comfy.sampler_helpers.convert_cond(cond)
+            entries = comfy.sampler_helpers.convert_cond(cond)
+            entries = [dict(inherit, **{k: v for k, v in e.items() if v is not None or k not in inherit})
+                       for e in entries]
+            # hooks only act once registered on the model, which ComfyUI did for the prompts' hooks
+            # before this wrapper runs: keep the registered ones (the prompts'), as ComfyUI does
+            comfy.samplers.filter_registered_hooks_on_conds({key: entries}, guider.model_options)
+            if any(e.get("hooks") is None for e in entries) and any(c[1].get("hooks") is not None for c in cond):
+                log.warning("%s: its hooks are not on the prompt, so they do not act on the concept; "
+                            "put the same hooks on the prompt (or encode the concept with the same hooked CLIP).",
+                            where)
+            guider.conds[key] = entries
             keys.append(key)
         return keys
 
@@ -156,8 +187,9 @@ class _Patch:
                 or conds[0] is not run.guider.conds.get("positive")):
             # another node's own evaluation (PAG's, say): leave it alone
             return executor(model, conds, x_in, timestep, model_options)
-        step = run.clock.step_for(timestep)
-        inactive = run.out_of_range(step)
+        local = run.clock.step_for(timestep)
+        step = local + self.start_at_step  # the step of the full schedule
+        inactive = run.out_of_range(local)
         rows = [c for c in self.plan.rows(step) if c not in inactive]
         extra = [run.guider.conds[run.keys[c]] for c in rows]
         out = executor(model, list(conds) + extra, x_in, timestep, model_options)
@@ -182,10 +214,12 @@ class _Patch:
         # eps = (x - D) / sigma for eps and v models; the velocity for flow models
         uncond = (x - uncond_denoised) / sigma
         preds = (x.unsqueeze(0) - torch.stack(outs)) / sigma if rows else None
-        edit, momentum = sega_step(uncond, preds, rows, step, self.plan, run.momentum_at(step), inactive)
+        edit, momentum = sega_step(uncond, preds, rows, step, self.plan, run.momentum_at(step), inactive,
+                                   run.masks_for(x))
         run.after_step(momentum, uncond, preds, edit)
-        if run.recording is not None and edit is not None and step not in run.recording.terms:
-            run.recording.terms[step] = edit.detach().clone()
+        local = step - self.start_at_step  # recorded edits are indexed by the run's own schedule
+        if run.recording is not None and edit is not None and local not in run.recording.terms:
+            run.recording.terms[local] = edit.detach().clone()
         if edit is None:
             return denoised
         return denoised - sigma * edit
@@ -206,6 +240,7 @@ class _Run:
         self.first_call = False
         self.bad = []  # (step, what) device flags, read once after sampling
         self.recording = None  # EditRecord when the model went through SEGA Save Edit
+        self._masks = None  # (shape, device, dtype, masks) of the concepts' user masks, once resized
 
     @property
     def sigmas(self) -> list:
@@ -234,6 +269,18 @@ class _Run:
                     target = target.narrow(i + 2, p.area[i + dims], p.area[i])
             target += p.mult
         return cover > 0
+
+    def masks_for(self, x: torch.Tensor) -> Optional[list]:
+        """The concepts' user masks resized to x's latent (bilinear, like ComfyUI's noise masks), one
+        entry per concept (None for no mask), shaped (B or 1, 1, [1 for time], H, W) on x's device."""
+        specs = self.patch.specs
+        if all(s.mask is None for s in specs):
+            return None
+        if self._masks is not None and self._masks[:3] == (x.shape, x.device, x.dtype):
+            return self._masks[3]
+        masks = [None if s.mask is None else _fit_mask(s.mask, x) for s in specs]
+        self._masks = (x.shape, x.device, x.dtype, masks)
+        return masks
 
     def out_of_range(self, step: int) -> list:
         """Concepts whose conditioning is outside its timestep range (ConditioningSetTimestepRange)
@@ -274,6 +321,15 @@ class _Run:
         raise SEGAError(
             f"{self.patch.node}: sampling with SEGA gave NaN or inf ({cause}). Check the input latent and "
             f"the model (fp16 overflow?), or lower the concepts' edit_scale.")
+
+
+def _fit_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A MASK ((H, W) or (N, H, W), any size) as a weight on latent x (B, C, [T,] H, W)."""
+    m = mask.to(device=x.device, dtype=torch.float32)
+    m = m.reshape(-1, 1, m.shape[-2], m.shape[-1])
+    m = torch.nn.functional.interpolate(m, size=tuple(x.shape[-2:]), mode="bilinear")
+    m = m.clamp(0.0, 1.0).to(x.dtype)
+    return m.view(m.shape[0], 1, *([1] * (x.dim() - 4)), *x.shape[-2:])
 
 
 def _in_range(entry: dict, sigma: float) -> bool:

@@ -23,6 +23,15 @@ def _momentum_inputs():
     ]
 
 
+def _start_at_step_input():
+    return io.Int.Input(
+        "start_at_step", default=0, min=0, max=10000, optional=True,
+        tooltip="For a run split across samplers (KSamplerAdvanced steps 10-20 after steps 0-10): the step of "
+                "the full schedule at which this model's sampler starts, i.e. that sampler's start_at_step. "
+                "Warm-up and cool-down then count steps of the full schedule. 0 (default): each run counts "
+                "its own steps. The momentum starts afresh in each run.")
+
+
 def _concepts_input():
     return Concepts.Input(
         "concepts", optional=True,
@@ -40,13 +49,14 @@ class SEGAApply(io.ComfyNode):
                         "other packs') samples it with SEGA's concepts. Works with other model patches.",
             search_aliases=["semantic guidance model patch", "sega model"],
             inputs=[io.Model.Input("model", tooltip="The model to sample with SEGA."), _concepts_input(),
-                    *_momentum_inputs()],
+                    *_momentum_inputs(), _start_at_step_input()],
             outputs=[io.Model.Output(tooltip="The model with SEGA; use it in any sampler.")],
         )
 
     @classmethod
-    def execute(cls, model, momentum_scale, momentum_beta, concepts=None) -> io.NodeOutput:
-        return io.NodeOutput(apply_sega(model, _chain(concepts), momentum_scale, momentum_beta, "SEGA Apply"))
+    def execute(cls, model, momentum_scale, momentum_beta, concepts=None, start_at_step=0) -> io.NodeOutput:
+        return io.NodeOutput(apply_sega(model, _chain(concepts), momentum_scale, momentum_beta, "SEGA Apply",
+                                        start_at_step=start_at_step))
 
 
 class SEGAGuider(io.ComfyNode):
@@ -68,14 +78,17 @@ class SEGAGuider(io.ComfyNode):
                                tooltip="Classifier-free guidance scale (the paper's 7.5). SEGA also acts "
                                        "at 1.0, e.g. for guidance-distilled models."),
                 *_momentum_inputs(),
+                _start_at_step_input(),
             ],
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, cfg, momentum_scale, momentum_beta, concepts=None) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, cfg, momentum_scale, momentum_beta, concepts=None,
+                start_at_step=0) -> io.NodeOutput:
         guider = comfy.samplers.CFGGuider(
-            apply_sega(model, _chain(concepts), momentum_scale, momentum_beta, "SEGA Guider"))
+            apply_sega(model, _chain(concepts), momentum_scale, momentum_beta, "SEGA Guider",
+                       start_at_step=start_at_step))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)

@@ -2,26 +2,173 @@
 
 All predictions are noise-space (eps) tensors of shape (B, C, *rest): 4-D images,
 5-D video, any channel count. State (the momentum) goes in and out explicitly.
+
+Speed: the concepts are processed as one stack (no loop over concepts), constants are
+built once per value and device (no per-step host-to-device copies), nothing reads a
+device tensor back to the host, and the threshold selects the two order statistics it
+needs instead of sorting (on the CPU with a histogram of the float bits, elsewhere with one
+kthvalue and a pass for the next order statistic), while staying equal to torch.quantile.
 """
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .concepts import Plan
 
+# The histogram selection is used on the CPU for rows of at least this many elements, in blocks
+# of at least _HISTOGRAM_MIN_BLOCK: below that its fixed cost outweighs kthvalue (measured with
+# bench/sega_math.py); other devices use kthvalue.
+_HISTOGRAM_MIN = 4096
+_HISTOGRAM_MIN_BLOCK = 1 << 16
+# Elements per block of rows thresholded at once on the CPU (1 MiB of float32).
+_BLOCK = 1 << 18
 
-def _rank(q: float, n: int) -> Tuple[int, int, torch.Tensor]:
+
+def _f32(x: float) -> float:
+    """x rounded to float32 (round to nearest), as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _rank(q: float, n: int) -> Tuple[int, int, float]:
     """Indices and weight of the linear-interpolation quantile, rounded as torch.quantile rounds them.
 
-    torch.quantile takes q in the input's dtype (float32) and forms q * (n - 1) in double.
+    torch.quantile takes q in the input's dtype (float32), forms q * (n - 1) in double and
+    interpolates with a float32 weight.
     """
-    rank = torch.tensor(q, dtype=torch.float32).item() * (n - 1)
+    rank = _f32(q) * (n - 1)
     lo = math.floor(rank)
     hi = math.ceil(rank)
-    return lo, hi, torch.tensor(rank - lo, dtype=torch.float32)
+    return lo, hi, _f32(rank - lo)
+
+
+@functools.lru_cache(maxsize=128)
+def _constant_pair(values: tuple, dtype: torch.dtype, device: torch.device):
+    # the host copy is made on the CPU whatever torch's default device is
+    host = torch.tensor(values, dtype=dtype, device="cpu")
+    return host, host if device.type == "cpu" else host.to(device, non_blocking=True)
+
+
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-D tensor of `values`, built once per (values, dtype, device) and never modified.
+
+    The cache keeps the host copy alive too, so the copy to an accelerator can be
+    non-blocking: sampling never waits for it.
+    """
+    return _constant_pair(values, dtype, torch.device(device))[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_offsets(rows: int, per_row: int) -> torch.Tensor:
+    return torch.arange(0, rows * per_row, per_row, dtype=torch.int32, device="cpu").unsqueeze(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _rank_pairs(lo: int, hi: int, rows: int) -> torch.Tensor:
+    return torch.tensor([[lo, hi]] * rows, device="cpu")
+
+
+def _order_stats_histogram(a: torch.Tensor, lo: int, hi: int):
+    """(order statistic of rank lo, of rank hi, NaN per row) of every row of `a` (R, n), or None.
+
+    `a` must be a CPU float32 tensor with no negative values (an abs()). The bits of a
+    non-negative float order like the float, so a histogram of their top bits (one bincount
+    for all rows) finds the bucket holding each rank; only the few elements of those buckets
+    are then selected exactly. Returns None where it does not apply (a rank in the inf/NaN
+    bucket): the caller then uses kthvalue. The per-row bookkeeping is done in Python on a few
+    numbers per row, which is cheaper than a dozen tiny tensor operations.
+    """
+    rows, n = a.shape
+    bits = min(12, max(8, n.bit_length() - 3))  # about n / 8 buckets, at most 4096 per row
+    shift = 31 - bits
+    per_row = 1 << bits
+    special = 0x7F800000 >> shift  # the first bucket of inf and NaN
+    if rows * per_row >= 2**31:
+        return None
+    offset = _bucket_offsets(rows, per_row)
+    key = a.view(torch.int32) >> shift
+    key += offset
+    hist = torch.bincount(key.view(-1), minlength=rows * per_row).view(rows, per_row)
+    cum = hist.cumsum(1)
+    bucket = torch.searchsorted(cum, _rank_pairs(lo, hi, rows), right=True)  # buckets of ranks lo, hi
+    if int(bucket.max()) >= special:
+        return None
+    info = torch.cat([bucket, cum.gather(1, bucket), hist.gather(1, bucket[:, :1]),
+                      hist[:, special:].sum(1, keepdim=True)], 1).tolist()
+    # per row: b_lo, b_hi, elements up to b_lo, up to b_hi, in b_lo, inf or NaN
+    before = [r[2] - r[4] for r in info]  # elements below the bucket of rank lo
+    count = [r[3] - b for r, b in zip(info, before)]  # elements in the buckets of ranks lo and hi
+    rank_in = [lo - b for b in before]  # rank lo among them
+    first = (bucket[:, :1] + offset).to(torch.int32)
+    inside = torch.empty_like(key)  # an int32 mask: comparisons into bool are several times slower
+    if all(r[0] == r[1] for r in info):
+        torch.eq(key, first, out=inside)
+    else:
+        torch.ge(key, first, out=inside)
+        inside.mul_(torch.le(key, (bucket[:, 1:] + offset).to(torch.int32), out=key))
+    del key
+    values = a.view(-1).index_select(0, inside.view(-1).nonzero().squeeze(1))  # row by row
+    del inside
+    # A table with one row per input row, left-padded with -1 so that rank lo sits in column k.
+    k = max(rank_in)
+    pad = [k - r for r in rank_in]
+    width = max(p + c for p, c in zip(pad, count))
+    cpu = a.device  # explicit: torch's default device may be another one
+    left = torch.arange(width, device=cpu) < torch.tensor(pad, device=cpu).unsqueeze(1)
+    table = torch.where(left, -1.0, math.inf)
+    first, shifts = 0, []
+    for row, (p, c) in enumerate(zip(pad, count)):
+        shifts.append(row * width + p - first)
+        first += c
+    where_to = torch.arange(values.numel(), device=cpu) + torch.repeat_interleave(
+        torch.tensor(shifts, device=cpu), torch.tensor(count, device=cpu))
+    table.view(-1)[where_to] = values
+    below = table.kthvalue(k + 1, dim=1).values
+    above = below if hi == lo else table.kthvalue(k + 2, dim=1).values
+    if any(r[5] for r in info):
+        has_nan = torch.isnan(a).any(-1)
+    else:
+        has_nan = torch.zeros(rows, dtype=torch.bool, device=cpu)
+    return below, above, has_nan
+
+
+def _next_order_stat(flat: torch.Tensor, below: torch.Tensor, hi: int) -> torch.Tensor:
+    """The order statistic of rank hi of each row, given `below`, that of rank hi - 1.
+
+    It is `below` itself where more than hi elements are <= below (a tie), else the least
+    element above it: a few passes over the rows instead of a second selection.
+    """
+    col = below.unsqueeze(-1)
+    at_most = torch.le(flat, col, out=torch.empty_like(flat))  # 1.0 where flat <= below
+    tied = at_most.sum(-1, dtype=torch.float64 if flat.shape[-1] >= 2**24 else None) > hi  # exact counts
+    # 1 * inf = inf where flat <= below, 0 * inf = NaN elsewhere, and fmax(x, NaN) = x
+    least_above = torch.fmax(flat, at_most.mul_(math.inf)).amin(-1)
+    return torch.where(tied, below, least_above)
+
+
+def _quantile(a: torch.Tensor, q: float, nonneg: bool) -> torch.Tensor:
+    """torch.quantile(a, q, dim=-1) by selection; `nonneg`: `a` holds no negative values or -0.0."""
+    n = a.shape[-1]
+    lo, hi, w = _rank(q, n)
+    flat = a.reshape(-1, n)
+    stats = None
+    if (nonneg and n >= _HISTOGRAM_MIN and flat.numel() >= _HISTOGRAM_MIN_BLOCK and flat.device.type == "cpu"
+            and flat.dtype == torch.float32):
+        stats = _order_stats_histogram(flat.contiguous(), lo, hi)
+    if stats is None:
+        below = flat.kthvalue(lo + 1, dim=-1).values
+        above = below if hi == lo else _next_order_stat(flat, below, hi)
+        # torch.quantile gives NaN for a row holding a NaN (kthvalue would rank it last)
+        has_nan = torch.isnan(flat.sum(-1)) if nonneg else torch.isnan(flat).any(-1)
+    else:
+        below, above, has_nan = stats
+    t = torch.lerp(below, above, w)  # also when lo == hi: torch.quantile turns an infinite rank into NaN
+    return t.masked_fill(has_nan, math.nan).view(a.shape[:-1])
 
 
 def quantile_threshold(a: torch.Tensor, q: float) -> torch.Tensor:
@@ -30,13 +177,39 @@ def quantile_threshold(a: torch.Tensor, q: float) -> torch.Tensor:
     Selects the two neighbouring order statistics instead of sorting, and has no
     limit on the number of elements (torch.quantile refuses more than 2**24).
     """
-    n = a.shape[-1]
-    lo, hi, w = _rank(q, n)
-    below = a.kthvalue(lo + 1, dim=-1).values
-    if hi == lo:
-        return below
-    above = a.kthvalue(hi + 1, dim=-1).values
-    return torch.lerp(below, above, w.to(a.device))
+    return _quantile(a, q, nonneg=False)
+
+
+def _threshold_rows(rows: torch.Tensor, q: float) -> None:
+    """Zero, in place, the entries of each row of `rows` (R, n) whose |value| is below the row's
+    q-quantile of |value| (taken in float32).
+
+    On the CPU the rows go in blocks of about 1 MiB, so that the passes over a block stay in cache.
+    """
+    n = rows.shape[-1]
+    step = max(1, _BLOCK // n) if rows.device.type == "cpu" else rows.shape[0]
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        a = block.abs().float()  # a new tensor: it becomes the mask below
+        t = _quantile(a, q, nonneg=True)
+        block.mul_(torch.ge(a, t.unsqueeze(-1), out=a))  # 1 where |d| >= t, else 0: faster than where
+
+
+def _threshold_in_place(d: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
+    """Zero the entries of the (K, B, C, ...) stack `d` below their threshold (Eq. 5); returns d.
+
+    One selection per distinct q, not per concept.
+    """
+    n = math.prod(d.shape[3:])
+    if len(set(qs)) == 1:
+        _threshold_rows(d.view(-1, n), qs[0])
+        return d
+    for q in sorted(set(qs)):
+        index = _constant(tuple(k for k, x in enumerate(qs) if x == q), torch.long, d.device)
+        part = d.index_select(0, index)
+        _threshold_rows(part.view(-1, n), q)
+        d.index_copy_(0, index, part)
+    return d
 
 
 def threshold_edit(d: torch.Tensor, q: float, lead: int = 1) -> torch.Tensor:
@@ -46,15 +219,23 @@ def threshold_edit(d: torch.Tensor, q: float, lead: int = 1) -> torch.Tensor:
     axes (height, width and, for video, time). `lead` is the number of leading axes
     before (B, C): 1 for a stack of concepts (K, B, C, ...). Computed in float32.
     """
-    a = d.abs().flatten(lead + 2).float()
-    t = quantile_threshold(a, q)
-    keep = (a >= t.unsqueeze(-1)).view_as(d)
-    return torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
+    stack = d.reshape(-1, *d.shape[lead:]) if lead != 1 else d
+    out = _threshold_in_place(stack.clone(memory_format=torch.contiguous_format), [q] * stack.shape[0])
+    return out.view(d.shape)
 
 
-def _per_concept(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """A (K, 1, 1, ...) tensor broadcasting one value per concept over a (K, B, ...) stack."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+def _per_concept(values: Sequence[float], like: torch.Tensor):
+    """One value per concept, broadcasting over a (K, B, ...) stack: a Python float when all agree."""
+    if len(set(values)) == 1:
+        return values[0]
+    return _constant(tuple(values), like.dtype, like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _weighted_sum(weights: Sequence[float], d: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k d_k over the first axis of the stack `d` (one matrix-vector product)."""
+    if len(weights) == 1:
+        return d[0] * weights[0]
+    return torch.tensordot(_constant(tuple(weights), d.dtype, d.device), d, dims=1)
 
 
 def sega_step(
@@ -65,6 +246,7 @@ def sega_step(
     plan: Plan,
     momentum: Optional[torch.Tensor],
     inactive: Sequence[int] = (),
+    masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """SEGA's edit for one sampler step, and the momentum after it.
 
@@ -74,6 +256,11 @@ def sega_step(
     momentum:      (B, C, ...) momentum v_t, or None for zero.
     inactive:      concepts that make no edit this step, as if cooled down (e.g. outside the
                    timestep range of their conditioning).
+    masks:         optional, one entry per concept of the plan: None, or a spatial weight
+                   broadcastable to (B, C, ...) with values in [0, 1] that multiplies the
+                   concept's thresholded edit, so it acts only where the weight is non-zero (a
+                   user's region; not in the paper). The threshold is still taken over the whole
+                   latent, and the momentum is formed from the masked edits.
     Returns (edit, momentum'): edit is added to the CFG noise prediction
     (eps = u + s_g (t - u) + edit), or None for no edit this step.
 
@@ -88,31 +275,30 @@ def sega_step(
     total = None
     partial = None
     if rows:
-        d = (concept_preds - uncond.unsqueeze(0)) * _per_concept([plan.signed_scale[c] for c in rows], concept_preds)
-        qs = [plan.threshold[c] for c in rows]
-        if len(set(qs)) == 1:
-            d = threshold_edit(d, qs[0])
-        else:
-            d = torch.stack([threshold_edit(d[k], q, lead=0) for k, q in enumerate(qs)])
+        d = (concept_preds - uncond.unsqueeze(0)).contiguous()  # a new tensor: modified in place below
+        d.mul_(_per_concept([plan.signed_scale[c] for c in rows], d))  # Eq. 4, reverse concepts negated
+        _threshold_in_place(d, [plan.threshold[c] for c in rows])  # Eq. 5
+        if masks is not None:
+            for k, c in enumerate(rows):
+                if masks[c] is not None:
+                    d[k].mul_(masks[c].to(device=d.device, dtype=d.dtype))
         w = [plan.weight[c] if live[c] else 0.0 for c in rows]
-        total = (d * _per_concept(w, d)).sum(0)  # Eq. 6 without normalisation, as in the reference
+        total = _weighted_sum(w, d)  # Eq. 6 without normalisation, as in the reference
         if 0 < n_warm < n:
             # Only some concepts warmed up: their weights are normalised to sum 1 (cooled-down
             # concepts count with weight 0); no momentum in this branch.
             norm = sum(plan.weight[c] for c in range(n) if warmed[c] and live[c])
-            ks = [k for k, c in enumerate(rows) if warmed[c]]
-            if norm > 0 and ks:
-                sel = d[ks] if len(ks) < len(rows) else d
-                partial = (sel * _per_concept([w[k] / norm for k in ks], sel)).sum(0)
-    if momentum is not None and plan.momentum_scale != 0.0:
-        total = plan.momentum_scale * momentum if total is None else total + plan.momentum_scale * momentum
-    beta = plan.momentum_beta
+            if norm > 0 and any(warmed[c] for c in rows):
+                partial = _weighted_sum([w[k] / norm if warmed[c] else 0.0 for k, c in enumerate(rows)], d)
+    s_m, beta = plan.momentum_scale, plan.momentum_beta
+    if momentum is not None and s_m != 0.0:
+        total = s_m * momentum if total is None else total.add_(momentum, alpha=s_m)  # Eq. 7
     if total is None:
         new_momentum = None if momentum is None else beta * momentum
     elif momentum is None:
         new_momentum = (1 - beta) * total
     else:
-        new_momentum = beta * momentum + (1 - beta) * total
+        new_momentum = torch.add(beta * momentum, total, alpha=1 - beta)  # Eq. 8
     if n > 0 and n_warm == n:
         return total, new_momentum
     return partial, new_momentum

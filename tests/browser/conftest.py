@@ -1,4 +1,7 @@
-"""Fixtures of the real-browser tests: one ComfyUI server and one Chromium per session.
+"""Fixtures of the real-browser tests: one ComfyUI server and one Chromium per test module.
+
+Module scope on purpose: playwright's sync API keeps an event loop running in the main thread
+while it is open, and the in-process host tests that run after these need asyncio.run().
 
 Every test in tests/browser/ is marked `host` (it needs the ComfyUI host that tests/conftest.py
 finds). Without python playwright or the system's Chromium the module skips with one line.
@@ -30,7 +33,7 @@ def artifacts_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def comfy_server(tmp_path_factory):
     import comfy_host
     from comfy_browser import Server, prepare_base_dir
@@ -48,7 +51,7 @@ def comfy_server(tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     from comfy_browser import launch_browser
     from playwright.sync_api import sync_playwright
