@@ -58,6 +58,10 @@ def _init(model, seed: int, std: float) -> None:
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+        # buffers too: SD3's pos_embed is one, left as uninitialised memory by the model class
+        for b in model.diffusion_model.buffers():
+            if b.is_floating_point():
+                b.copy_(torch.randn(b.shape, generator=gen) * std)
 
 
 def _patcher(model):

@@ -24,12 +24,6 @@ def latent(family, batch=2):
     return torch.zeros(batch, *family.latent)
 
 
-def skip_if_model_itself_is_not_finite(model, family, positive, negative):
-    """On some hosts a tiny random model of a family gives NaN without SEGA (v0.8.0's SD3): nothing to test."""
-    if not torch.isfinite(plain_sample(model, family, positive, negative)).all():
-        pytest.skip(f"the tiny {family.name} model gives NaN without SEGA on this ComfyUI")
-
-
 def plain_sample(model, family, positive, negative, steps=4, cfg=None, batch=2):
     import comfy.sample
 
@@ -46,7 +40,6 @@ def test_edit_is_computed_in_the_models_noise_space(name):
     model = model_of(name)
     assert model.model.model_type.name == family.model_type
     pos, neg = family.cond(1), family.cond(2)
-    skip_if_model_itself_is_not_finite(model, family, pos, neg)
     concepts = [concept(family.cond(3), warmup=1, threshold=0.8),
                 concept(family.cond(4), warmup=2, reverse=True, scale=3.0, weight=0.5)]
     m = apply_sega(model, concepts, momentum_scale=0.3, momentum_beta=0.5)
@@ -81,7 +74,6 @@ def test_edit_scale_zero_is_bit_identical(name):
     family = FAMILIES[name]
     model = model_of(name)
     pos, neg = family.cond(1), family.cond(2)
-    skip_if_model_itself_is_not_finite(model, family, pos, neg)
     plain = plain_sample(model, family, pos, neg)
     counter = RowCounter()
     off = apply_sega(counter.attach(model), [concept(family.cond(3), scale=0.0, warmup=0),
