@@ -50,13 +50,7 @@ def tiny_sd15_model(seed: int = 0):
                 "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": 1,
                 "use_spatial_transformer": True, "legacy": False, "image_size": 32, "use_checkpoint": False,
                 "num_classes": None, "dtype": torch.float32, "adm_in_channels": None})
-    model = comfy.supported_models.SD15(cfg).get_model({})
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return _random_patcher(comfy.supported_models.SD15(cfg).get_model({}), seed, 0.05)
 
 
 def tiny_sdxl_model(seed: int = 0):
@@ -66,11 +60,15 @@ def tiny_sdxl_model(seed: int = 0):
                 "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": -2,
                 "use_spatial_transformer": True, "legacy": False, "image_size": 32, "use_checkpoint": False,
                 "num_classes": "sequential", "dtype": torch.float32, "num_head_channels": 64})
-    model = comfy.supported_models.SDXL(cfg).get_model({})
+    return _random_patcher(comfy.supported_models.SDXL(cfg).get_model({}), seed, 0.02)
+
+
+def _random_patcher(model, seed: int, std: float):
+    """`model`'s UNet weights set to N(0, std) from `seed`, in a CPU ModelPatcher."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
