@@ -130,7 +130,8 @@ def start_comfyui(python: Path, comfy: Path, log_path: Path) -> tuple[subprocess
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if proc.poll() is not None:
-            raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
+            log = log_path.read_text(errors="replace")
+            raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{log[-4000:]}")
         try:
             _get_json(url + "/api/system_stats")
             return proc, url
