@@ -40,8 +40,9 @@ def _site_packages(python: str) -> list[str]:
     return json.loads(out)
 
 
-def pypi_venv(name: str, requirements: list[str], layer_on: Path | None = None) -> Path:
-    """The venv CACHE_DIR/name holding `requirements` from PyPI (on top of `layer_on`, a venv)."""
+def pypi_venv(name: str, requirements: list[str], layer_on: str | None = None) -> Path:
+    """The venv CACHE_DIR/name holding `requirements` from PyPI, layered on the environment of the
+    Python `layer_on` if given."""
     venv = CACHE_DIR / name
     python = venv / "bin" / "python"
     want = json.dumps({"requirements": requirements, "layer_on": str(layer_on or "")})
@@ -52,7 +53,7 @@ def pypi_venv(name: str, requirements: list[str], layer_on: Path | None = None) 
         if python.exists() and stamp.is_file() and stamp.read_text() == want:
             return venv
         shutil.rmtree(venv, ignore_errors=True)
-        base = str(layer_on / "bin" / "python") if layer_on else sys.executable
+        base = layer_on or sys.executable
         subprocess.run([base, "-m", "venv", str(venv)], check=True, capture_output=True)
         if layer_on:
             (Path(_site_packages(str(python))[0]) / "_layer_on.pth").write_text(

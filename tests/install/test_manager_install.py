@@ -150,9 +150,9 @@ def test_cm_cli_install_from_git_url(git_server, tmp_path):
     if not manager_req.is_file():
         pytest.skip(f"{host} has no manager_requirements.txt (a ComfyUI without the pip-installed manager)")
     manager = requirement_lines(manager_req)
-    host_venv = Path(sys.prefix)
     version = "-".join(r.replace("==", "-") for r in manager)
-    venv = pypi_venv(f"{host_venv.name}-{version}", manager, layer_on=host_venv)
+    # one per host venv (this Python's) and manager version
+    venv = pypi_venv(f"{Path(sys.prefix).name}-{version}", manager, layer_on=sys.executable)
     python = venv / "bin" / "python"
     url, sha = git_server
     comfy = fresh_comfyui(host, tmp_path / "ComfyUI")
