@@ -34,6 +34,10 @@ NETWORK_ERROR = re.compile(
     r"|No matching distribution found|Could not find a version that satisfies", re.IGNORECASE)
 
 
+# venvs that could not be built in this test run, and why: skipped at once from then on
+_unreachable: dict[str, str] = {}
+
+
 def _site_packages(python: str) -> list[str]:
     code = "import sysconfig, json; p = sysconfig.get_paths(); print(json.dumps(sorted({p['purelib'], p['platlib']})))"
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -45,6 +49,8 @@ def pypi_venv(name: str, requirements: list[str], layer_on: str | None = None) -
     Python `layer_on` if given."""
     venv = CACHE_DIR / name
     python = venv / "bin" / "python"
+    if name in _unreachable:
+        pytest.skip(_unreachable[name])
     want = json.dumps({"requirements": requirements, "layer_on": str(layer_on or "")})
     stamp = venv / ".sega-stamp"
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -69,8 +75,9 @@ def pypi_venv(name: str, requirements: list[str], layer_on: str | None = None) -
             shutil.rmtree(venv, ignore_errors=True)
             if NETWORK_ERROR.search(out) or "did not finish" in out:
                 last = [line for line in out.splitlines() if line.strip()][-1:]
-                pytest.skip(f"PyPI unreachable: could not install {' '.join(requirements)} "
-                            f"({last[0].strip() if last else 'no output'})")
+                _unreachable[name] = (f"PyPI unreachable: could not install {' '.join(requirements)} "
+                                      f"({last[0].strip() if last else 'no output'})")
+                pytest.skip(_unreachable[name])
             raise AssertionError(f"pip install {' '.join(requirements)} failed:\n{out[-4000:]}")
         stamp.write_text(want)
     return venv
