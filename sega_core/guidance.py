@@ -180,9 +180,9 @@ def quantile_threshold(a: torch.Tensor, q: float) -> torch.Tensor:
     return _quantile(a, q, nonneg=False)
 
 
-def _threshold_rows(rows: torch.Tensor, q: float) -> None:
+def _threshold_rows(rows: torch.Tensor, q: float, keep: Optional[torch.Tensor] = None) -> None:
     """Zero, in place, the entries of each row of `rows` (R, n) whose |value| is below the row's
-    q-quantile of |value| (taken in float32).
+    q-quantile of |value| (taken in float32). `keep`, if given (R, n, bool), receives the kept entries.
 
     On the CPU the rows go in blocks of about 1 MiB, so that the passes over a block stay in cache.
     """
@@ -193,22 +193,28 @@ def _threshold_rows(rows: torch.Tensor, q: float) -> None:
         a = block.abs().float()  # a new tensor: it becomes the mask below
         t = _quantile(a, q, nonneg=True)
         block.mul_(torch.ge(a, t.unsqueeze(-1), out=a))  # 1 where |d| >= t, else 0: faster than where
+        if keep is not None:
+            keep[start:start + step] = a
 
 
-def _threshold_in_place(d: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
+def _threshold_in_place(d: torch.Tensor, qs: Sequence[float], keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Zero the entries of the (K, B, C, ...) stack `d` below their threshold (Eq. 5); returns d.
+    `keep`, if given (a bool tensor shaped like d), receives the kept entries.
 
     One selection per distinct q, not per concept.
     """
     n = math.prod(d.shape[3:])
     if len(set(qs)) == 1:
-        _threshold_rows(d.view(-1, n), qs[0])
+        _threshold_rows(d.view(-1, n), qs[0], None if keep is None else keep.view(-1, n))
         return d
     for q in sorted(set(qs)):
         index = _constant(tuple(k for k, x in enumerate(qs) if x == q), torch.long, d.device)
         part = d.index_select(0, index)
-        _threshold_rows(part.view(-1, n), q)
+        part_keep = None if keep is None else torch.empty(part.shape, dtype=torch.bool, device=d.device)
+        _threshold_rows(part.view(-1, n), q, None if part_keep is None else part_keep.view(-1, n))
         d.index_copy_(0, index, part)
+        if part_keep is not None:
+            keep.index_copy_(0, index, part_keep)
     return d
 
 
@@ -247,7 +253,8 @@ def sega_step(
     momentum: Optional[torch.Tensor],
     inactive: Sequence[int] = (),
     masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    return_kept: bool = False,
+):
     """SEGA's edit for one sampler step, and the momentum after it.
 
     uncond:        (B, C, ...) unconditional noise prediction.
@@ -261,8 +268,11 @@ def sega_step(
                    concept's thresholded edit, so it acts only where the weight is non-zero (a
                    user's region; not in the paper). The threshold is still taken over the whole
                    latent, and the momentum is formed from the masked edits.
-    Returns (edit, momentum'): edit is added to the CFG noise prediction
-    (eps = u + s_g (t - u) + edit), or None for no edit this step.
+    return_kept:   also return `kept`, a bool tensor (len(rows), B, C, ...): the entries each
+                   concept's threshold keeps (Eq. 5, before any mask), or None when `rows` is
+                   empty. Costs one extra copy of the mask; off, nothing extra is computed.
+    Returns (edit, momentum'), or (edit, momentum', kept) with return_kept: edit is added to the
+    CFG noise prediction (eps = u + s_g (t - u) + edit), or None for no edit this step.
 
     Matches diffusers' SemanticStableDiffusionPipeline step for step, except that
     warmed-up concepts whose weights are all zero give no edit (the reference divides
@@ -274,10 +284,13 @@ def sega_step(
     n_warm = sum(warmed)
     total = None
     partial = None
+    kept = None
     if rows:
         d = (concept_preds - uncond.unsqueeze(0)).contiguous()  # a new tensor: modified in place below
         d.mul_(_per_concept([plan.signed_scale[c] for c in rows], d))  # Eq. 4, reverse concepts negated
-        _threshold_in_place(d, [plan.threshold[c] for c in rows])  # Eq. 5
+        if return_kept:
+            kept = torch.empty(d.shape, dtype=torch.bool, device=d.device)
+        _threshold_in_place(d, [plan.threshold[c] for c in rows], kept)  # Eq. 5
         if masks is not None:
             for k, c in enumerate(rows):
                 if masks[c] is not None:
@@ -299,6 +312,5 @@ def sega_step(
         new_momentum = (1 - beta) * total
     else:
         new_momentum = torch.add(beta * momentum, total, alpha=1 - beta)  # Eq. 8
-    if n > 0 and n_warm == n:
-        return total, new_momentum
-    return partial, new_momentum
+    edit = total if n > 0 and n_warm == n else partial
+    return (edit, new_momentum, kept) if return_kept else (edit, new_momentum)
