@@ -8,7 +8,8 @@ No single-slot hook is taken (no sampler_cfg_function, no sampler_calc_cond_batc
   steps through the step callback, so multi-call samplers advance one step at a time;
 - a CALC_COND_BATCH wrapper appends the concepts a step needs to the main
   [positive, negative] evaluation: one batched model call, as the reference does;
-- a post-cfg function adds SEGA's edit, computed by sega_core in noise space.
+- a post-cfg function adds SEGA's edit, computed by sega_core in noise space (and, when a
+  preview or SEGA KSampler's concept_masks asks, notes where each concept's threshold kept).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from ..sega_core import Plan, SEGAValueError, sega_step
+from .concept_masks import MaskWatch, PreviewTarget
 from .concept_spec import ConceptSpec
 from .edit_files import EditRecord, save_path
 from .errors import SEGAError
@@ -56,8 +58,13 @@ def remove_sega(model) -> None:
 
 
 def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momentum_beta: float,
-               node: str = "SEGA Apply", start_at_step: int = 0):
+               node: str = "SEGA Apply", start_at_step: int = 0, preview: Optional[PreviewTarget] = None,
+               masks_out: Optional[list] = None):
     """A clone of `model` that samples with SEGA. Inert settings return an unpatched clone.
+
+    preview: the SEGA node on which the page draws each concept's kept positions while sampling
+    (sent only when the client that queued the prompt is connected). masks_out: a list to which
+    each sampling run appends its MaskWatch (the concepts' kept positions over the run).
 
     start_at_step: the step of the full schedule at which this model's sampling runs start, for a
     run split across samplers (KSamplerAdvanced's start_at_step): warm-up and cool-down then count
@@ -77,7 +84,7 @@ def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momen
         return m
     if start_at_step < 0:
         raise SEGAError(f"{node}: start_at_step must be >= 0, got {start_at_step}.")
-    patch = _Patch(list(specs), plan, node, int(start_at_step))
+    patch = _Patch(list(specs), plan, node, int(start_at_step), preview, masks_out)
     m.add_wrapper_with_key(_WRAPPERS[0], KEY, patch.outer_sample)
     m.add_wrapper_with_key(_WRAPPERS[1], KEY, patch.sampler_sample)
     m.add_wrapper_with_key(_WRAPPERS[2], KEY, patch.calc_cond_batch)
@@ -94,11 +101,14 @@ def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momen
 class _Patch:
     """The settings of one SEGA patch; holds no per-run state."""
 
-    def __init__(self, specs: list, plan: Plan, node: str, start_at_step: int = 0):
+    def __init__(self, specs: list, plan: Plan, node: str, start_at_step: int = 0,
+                 preview: Optional[PreviewTarget] = None, masks_out: Optional[list] = None):
         self.specs = specs
         self.plan = plan
         self.node = node
         self.start_at_step = start_at_step  # the full schedule's step at which each run starts
+        self.preview = preview  # the node the page draws the kept positions on
+        self.masks_out = masks_out  # the caller's list for each run's MaskWatch
 
     # -- OUTER_SAMPLE: concepts into the guider, a fresh run state --------------------------
     def outer_sample(self, executor, *args, **kwargs):
@@ -109,12 +119,16 @@ class _Patch:
         record = guider.model_options.get(RECORD_KEY)
         if record is not None:
             run.recording = EditRecord(terms={}, sigmas=run.sigmas, shape=list(noise.shape), settings=self.settings())
+        labels = [s.label or f"#{i + 1}" for i, s in enumerate(self.specs)]
+        run.watch = MaskWatch.for_run(labels, self.preview, self.masks_out is not None)
         guider.model_options[RUN_KEY] = run
         try:
             out = executor(*args, **kwargs)
         finally:
             guider.model_options.pop(RUN_KEY, None)
         run.check_finite(out)
+        if self.masks_out is not None:
+            self.masks_out.append(run.watch)
         if record is not None:
             path = run.recording.save(save_path(record.prefix))
             log.info("SEGA Save Edit: saved the edit of %d steps to %s", len(run.recording.terms), path)
@@ -214,15 +228,37 @@ class _Patch:
         # eps = (x - D) / sigma for eps and v models; the velocity for flow models
         uncond = (x - uncond_denoised) / sigma
         preds = (x.unsqueeze(0) - torch.stack(outs)) / sigma if rows else None
-        edit, momentum = sega_step(uncond, preds, rows, step, self.plan, run.momentum_at(step), inactive,
-                                   run.masks_for(x))
-        run.after_step(momentum, uncond, preds, edit)
+        entering = run.momentum_at(step)
+        user_masks = run.masks_for(x)
         local = step - self.start_at_step  # recorded edits are indexed by the run's own schedule
+        watch = run.watch
+        if watch is not None and watch.wants(local, run.clock.steps, run.first_call):
+            edit, momentum, kept = sega_step(uncond, preds, rows, step, self.plan, entering, inactive, user_masks,
+                                             return_kept=True)
+            self._watch(watch, local, run.clock.steps, step, rows, inactive, kept, covered, user_masks)
+        else:
+            edit, momentum = sega_step(uncond, preds, rows, step, self.plan, entering, inactive, user_masks)
+        run.after_step(momentum, uncond, preds, edit)
         if run.recording is not None and edit is not None and local not in run.recording.terms:
             run.recording.terms[local] = edit.detach().clone()
         if edit is None:
             return denoised
         return denoised - sigma * edit
+
+    def _watch(self, watch, local, steps, step, rows, inactive, kept, covered, user_masks) -> None:
+        """Hands one step's kept positions to the run's MaskWatch, limited to where each concept
+        can act (its area or conditioning mask, and its SEGA Concept mask)."""
+        plan = self.plan
+        warmed = plan.warmed(step)
+        active = [warmed[c] and step < plan.cooldown[c] and c not in inactive and plan.weight[c] > 0.0
+                  for c in range(len(plan))]
+        weights = []
+        for k, c in enumerate(rows):
+            if kept is not None and covered[k] is not None:
+                kept[k] &= covered[k]
+            m = None if user_masks is None else user_masks[c]
+            weights.append(None if m is None else m.reshape(m.shape[0], *m.shape[-2:]))
+        watch.add(local, steps, rows, active, kept, weights)
 
 
 class _Run:
@@ -241,6 +277,7 @@ class _Run:
         self.bad = []  # (step, what) device flags, read once after sampling
         self.recording = None  # EditRecord when the model went through SEGA Save Edit
         self._masks = None  # (shape, device, dtype, masks) of the concepts' user masks, once resized
+        self.watch = None  # MaskWatch when a preview or the concept_masks output wants the kept positions
 
     @property
     def sigmas(self) -> list:

@@ -1,10 +1,13 @@
 """SEGA Apply, SEGA Guider and SEGA KSampler: three ways to sample with the same SEGA patch."""
 from __future__ import annotations
 
+import torch
+
 import comfy.samplers
 import nodes as comfy_nodes
 from comfy_api.latest import io
 
+from .concept_masks import MaskWatch, output_linked, preview_target
 from .concept_nodes import Concepts, _chain
 from .patch import apply_sega
 from .schema import CATEGORY, schema
@@ -32,6 +35,10 @@ def _start_at_step_input():
                 "its own steps. The momentum starts afresh in each run.")
 
 
+# the node's own id, and the prompt: for the mask preview on the page and the concept_masks output
+_HIDDEN = [io.Hidden.unique_id, io.Hidden.dynprompt]
+
+
 def _concepts_input():
     return Concepts.Input(
         "concepts", optional=True,
@@ -51,12 +58,13 @@ class SEGAApply(io.ComfyNode):
             inputs=[io.Model.Input("model", tooltip="The model to sample with SEGA."), _concepts_input(),
                     *_momentum_inputs(), _start_at_step_input()],
             outputs=[io.Model.Output(tooltip="The model with SEGA; use it in any sampler.")],
+            hidden=_HIDDEN,
         )
 
     @classmethod
     def execute(cls, model, momentum_scale, momentum_beta, concepts=None, start_at_step=0) -> io.NodeOutput:
         return io.NodeOutput(apply_sega(model, _chain(concepts), momentum_scale, momentum_beta, "SEGA Apply",
-                                        start_at_step=start_at_step))
+                                        start_at_step=start_at_step, preview=preview_target(cls.hidden)))
 
 
 class SEGAGuider(io.ComfyNode):
@@ -81,6 +89,7 @@ class SEGAGuider(io.ComfyNode):
                 _start_at_step_input(),
             ],
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
+            hidden=_HIDDEN,
         )
 
     @classmethod
@@ -88,7 +97,7 @@ class SEGAGuider(io.ComfyNode):
                 start_at_step=0) -> io.NodeOutput:
         guider = comfy.samplers.CFGGuider(
             apply_sega(model, _chain(concepts), momentum_scale, momentum_beta, "SEGA Guider",
-                       start_at_step=start_at_step))
+                       start_at_step=start_at_step, preview=preview_target(cls.hidden)))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)
@@ -124,13 +133,36 @@ class SEGAKSampler(io.ComfyNode):
                                tooltip="How much of the latent is replaced: 1 for txt2img, below 1 for img2img."),
                 *_momentum_inputs(),
             ],
-            outputs=[io.Latent.Output(tooltip="The denoised latent.")],
+            outputs=[
+                io.Latent.Output(tooltip="The denoised latent."),
+                io.Mask.Output(
+                    "concept_masks", display_name="concept_masks",
+                    tooltip="Where each concept acted: per concept, then per image (concept 1's images first), "
+                            "the fraction of the concept's active steps in which its threshold kept each "
+                            "position, at image size (1 = kept in every step, 0 = never). Computed only when "
+                            "this output is connected."),
+            ],
+            hidden=_HIDDEN,
         )
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, momentum_scale, momentum_beta, concepts=None) -> io.NodeOutput:
-        model = apply_sega(model, _chain(concepts), momentum_scale, momentum_beta, "SEGA KSampler")
-        out = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+        specs = _chain(concepts)
+        runs = [] if output_linked(cls.hidden, 1) else None
+        patched = apply_sega(model, specs, momentum_scale, momentum_beta, "SEGA KSampler",
+                             preview=preview_target(cls.hidden), masks_out=runs)
+        out = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                           latent_image, denoise=denoise)
-        return io.NodeOutput(out[0])
+        return io.NodeOutput(out[0], _concept_masks(model, specs, latent_image["samples"], runs))
+
+
+def _concept_masks(model, specs: list, latent, runs):
+    """SEGA KSampler's concept_masks: (concepts x batch, H, W) at image size; zeros when not wanted."""
+    ratio = getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", 8)
+    size = (latent.shape[-2] * ratio, latent.shape[-1] * ratio)
+    batch = latent.shape[0]
+    watch = next((w for w in runs or () if isinstance(w, MaskWatch)), None)
+    if watch is None:  # not connected, no concepts, or settings that never edit
+        return torch.zeros(max(1, len(specs)) * batch, *size)
+    return watch.result(batch, size)
