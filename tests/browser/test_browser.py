@@ -176,3 +176,111 @@ def test_concept_window_extension(page_and_console, comfy_server):
                                                  "cooldown", "weight", "label", "concepts", "mask"}
                             for n in concepts)
     assert not [c for c in console[before:] if c[0] in ("error", "pageerror")]
+
+
+# A concept label that would run script or make elements if it were ever inserted as HTML.
+HTML_LABEL = '<img src=x onerror=alert(1)><b>bold</b>'
+PREVIEW_JS = f"/extensions/{PACK_NAME}/sega_mask_preview.js"
+
+
+def test_mask_preview_draws_each_concept(page_and_console, comfy_server, artifacts_dir):
+    """js/sega_mask_preview.js: while sampling, the SEGA KSampler node shows one tile per concept (the
+    positions its threshold keeps), labelled with the concept's text as literal text; the tiles'
+    pixels are checked in a screenshot; the prompt and the workflow get nothing from it."""
+    from PIL import Image
+
+    page, console, _ = page_and_console
+    try:
+        comfy_server.get(PREVIEW_JS)
+    except OSError:
+        pytest.skip("js/ is not served: the pack's __init__.py sets no WEB_DIRECTORY")
+    assert "comfyui-sega.MaskPreview" in page.evaluate("() => app.extensions.map(e => e.name)")
+    before = len(console)
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    wf = json.loads((WORKFLOWS_DIR / "04-several-concepts-stack.json").read_text())
+    load(page, wf)
+    # concepts 7 (HTML label, threshold 0.9), 9 (cooled down at the last step), 11 (threshold 0: everywhere)
+    page.evaluate("""(label) => {
+        const set = (id, name, value) => { app.graph.getNodeById(id).widgets.find(w => w.name === name).value = value; };
+        set(7, 'label', label); set(11, 'label', 'everywhere'); set(11, 'threshold', 0);
+        set(5, 'width', 128); set(5, 'height', 96);
+    }""", HTML_LABEL)
+    converted = page.evaluate("async () => { const p = await app.graphToPrompt(); "
+                              "return {workflow: p.workflow, output: p.output}; }")
+    prompt = small(converted["output"], comfy_server.ckpt_name)
+    assert prompt["7"]["inputs"]["label"] == HTML_LABEL
+    prompt["5"]["inputs"].update(width=128, height=96)
+    page.evaluate("""async (url) => {
+        const { api } = await import('/scripts/api.js');
+        window.__segaMaskEvents = [];
+        api.addEventListener('sega.masks', (e) => window.__segaMaskEvents.push(
+            {node: e.detail.node, step: e.detail.step, steps: e.detail.steps, masks: e.detail.masks.length}));
+    }""", PREVIEW_JS)
+    client_id = page.evaluate("async () => (await import('/scripts/api.js')).api.clientId")
+    assert client_id
+    status, body = comfy_server.post_json("/api/prompt", {"prompt": prompt, "client_id": client_id})
+    assert status == 200, body
+    entry = comfy_server.wait_history(body["prompt_id"])
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+
+    page.wait_for_function(f"() => (window.__segaMaskEvents || []).some(e => e.step === {STEPS - 1})", timeout=30000)
+    events = page.evaluate("() => window.__segaMaskEvents")
+    assert all(e["node"] == "13" and e["steps"] == STEPS and e["masks"] == 3 for e in events), events
+    assert events[0]["step"] == 0 and len(events) >= 2  # the first step, later ones, always the last
+    # the node in view at a readable zoom, redrawn until the last step's pictures are shown
+    page.evaluate("""() => { const n = app.graph.getNodeById(13); const ds = app.canvas.ds; ds.scale = 1.6;
+        ds.offset[0] = 140 / ds.scale - n.pos[0]; ds.offset[1] = 110 / ds.scale - n.pos[1];
+        document.querySelectorAll('.p-toast-message').forEach(e => e.remove()); }""")
+    preview = page.wait_for_function("""async (url) => {
+        const { maskPreview } = await import(url);
+        app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+        const p = maskPreview(app.graph.getNodeById(13));
+        return p && p.step === p.steps - 1 && p.tiles.length === 3 && p.tiles[0].shown && p.tiles[2].shown && p;
+    }""", arg=PREVIEW_JS, timeout=30000).json_value()
+    assert [t["label"] for t in preview["tiles"]] == [HTML_LABEL, "glasses", "everywhere"]
+    assert [t["active"] for t in preview["tiles"]] == [True, False, True]  # glasses cooled down at the last step
+    box = page.evaluate("""() => { const n = app.graph.getNodeById(13); const ds = app.canvas.ds;
+        const r = app.canvas.canvas.getBoundingClientRect(); const t = LiteGraph.NODE_TITLE_HEIGHT;
+        return {left: r.left, top: r.top, scale: ds.scale, ox: ds.offset[0], oy: ds.offset[1],
+                x: n.pos[0], y: n.pos[1], w: n.size[0], h: n.size[1], title: t}; }""")
+    s = box["scale"]
+
+    def to_screen(x, y):
+        return box["left"] + (box["x"] + x + box["ox"]) * s, box["top"] + (box["y"] + y + box["oy"]) * s
+
+    shot = artifacts_dir / "mask-preview.png"
+    page.screenshot(path=str(shot))
+    left, top = to_screen(-8, -box["title"] - 8)
+    right, bottom = to_screen(box["w"] + 8, box["h"] + 8)
+    node_shot = artifacts_dir / "mask-preview-node.png"
+    page.screenshot(path=str(node_shot), clip={"x": left, "y": top, "width": right - left, "height": bottom - top})
+    print(f"mask preview screenshots: {shot} and {node_shot}")
+    image = Image.open(shot).convert("L")
+
+    def tile_pixels(tile):
+        x0, y0 = to_screen(tile["x"] + 1.5, tile["y"] + 1.5)
+        x1, y1 = to_screen(tile["x"] + tile["w"] - 1.5, tile["y"] + tile["h"] - 1.5)
+        return list(image.crop((round(x0), round(y0), round(x1), round(y1))).tobytes())
+
+    kept, cooled, everywhere = (tile_pixels(t) for t in preview["tiles"])
+    assert preview["tiles"][0]["w"] > preview["tiles"][0]["h"]  # 128x96: the latent's aspect
+    assert max(kept) >= 120 and min(kept) <= 20, (min(kept), max(kept))  # kept and left-out positions
+    assert 0.02 < sum(p >= 60 for p in kept) / len(kept) < 0.6
+    assert min(everywhere) >= 250  # threshold 0 keeps every position
+    assert max(cooled) < 160  # no picture: a dark tile saying "inactive"
+    assert preview["tiles"][1]["h"] == preview["tiles"][0]["h"]
+
+    # the label stayed text: no element made from it, no script run
+    assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
+    assert page.evaluate("() => [...document.querySelectorAll('b')].filter(b => b.textContent === 'bold').length") == 0
+    assert dialogs == []
+    # nothing added to the prompt or the workflow
+    after = page.evaluate("async () => { const p = await app.graphToPrompt(); "
+                          "return {workflow: p.workflow, output: p.output}; }")
+    assert after["output"]["13"]["inputs"] == converted["output"]["13"]["inputs"]
+    node = next(n for n in after["workflow"]["nodes"] if n["id"] == 13)
+    original = next(n for n in converted["workflow"]["nodes"] if n["id"] == 13)
+    assert node["widgets_values"] == original["widgets_values"]
+    assert set(node) == set(original)
+    assert not [c for c in console[before:] if c[0] in ("error", "pageerror")]
