@@ -1,12 +1,13 @@
 """Where each concept acts: the latent positions its threshold keeps, step by step.
 
-Two consumers, each asked for by its own node and costing nothing when not asked for:
+Two consumers; a sampling run with neither computes nothing extra:
 - a preview pushed to the page while sampling (event "sega.masks", drawn by
   js/sega_mask_preview.js on the SEGA node that made the patch), only when this process is
   ComfyUI's server and the client that queued the prompt is connected; throttled, and always
   the run's last step;
 - SEGA KSampler's concept_masks output: per concept and image, the fraction of the concept's
-  active steps in which each position was kept, only when that output is linked.
+  active steps in which each position was kept (a few small tensor operations per step, on the
+  device, read back once after sampling).
 
 A position's value is the fraction of latent channels (and frames) whose entry the threshold
 keeps, inside the concept's own mask (SEGA Concept's mask input) and area, over the steps in
@@ -49,21 +50,6 @@ def preview_target(hidden) -> Optional[PreviewTarget]:
     if dynprompt is not None and hasattr(dynprompt, "get_display_node_id"):
         display = dynprompt.get_display_node_id(node)
     return PreviewTarget(str(node), str(display))
-
-
-def output_linked(hidden, index: int) -> bool:
-    """Whether output `index` of the executing node feeds another node of the prompt.
-
-    True when it cannot be known (the node called outside a prompt)."""
-    node = getattr(hidden, "unique_id", None) if hidden is not None else None
-    dynprompt = getattr(hidden, "dynprompt", None) if hidden is not None else None
-    if node is None or dynprompt is None:
-        return True
-    for other in dynprompt.all_node_ids():
-        for value in (dynprompt.get_node(other).get("inputs") or {}).values():
-            if isinstance(value, list) and len(value) == 2 and str(value[0]) == str(node) and value[1] == index:
-                return True
-    return False
 
 
 def connected_server():

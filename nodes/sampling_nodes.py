@@ -7,7 +7,7 @@ import comfy.samplers
 import nodes as comfy_nodes
 from comfy_api.latest import io
 
-from .concept_masks import MaskWatch, output_linked, preview_target
+from .concept_masks import MaskWatch, preview_target
 from .concept_nodes import Concepts, _chain
 from .patch import apply_sega
 from .schema import CATEGORY, schema
@@ -139,8 +139,8 @@ class SEGAKSampler(io.ComfyNode):
                     "concept_masks", display_name="concept_masks",
                     tooltip="Where each concept acted: per concept, then per image (concept 1's images first), "
                             "the fraction of the concept's active steps in which its threshold kept each "
-                            "position, at image size (1 = kept in every step, 0 = never). Computed only when "
-                            "this output is connected."),
+                            "position, at image size (1 = kept in every step, 0 = never). MaskToImage turns it "
+                            "into images to save or composite."),
             ],
             hidden=_HIDDEN,
         )
@@ -149,7 +149,10 @@ class SEGAKSampler(io.ComfyNode):
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, momentum_scale, momentum_beta, concepts=None) -> io.NodeOutput:
         specs = _chain(concepts)
-        runs = [] if output_linked(cls.hidden, 1) else None
+        # Always gathered (a few small tensor operations per step): ComfyUI caches a node's outputs by its
+        # inputs, not by what is linked to them, so masks skipped while unlinked would stay empty when
+        # the output is linked later.
+        runs = []
         patched = apply_sega(model, specs, momentum_scale, momentum_beta, "SEGA KSampler",
                              preview=preview_target(cls.hidden), masks_out=runs)
         out = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
@@ -158,11 +161,11 @@ class SEGAKSampler(io.ComfyNode):
 
 
 def _concept_masks(model, specs: list, latent, runs):
-    """SEGA KSampler's concept_masks: (concepts x batch, H, W) at image size; zeros when not wanted."""
+    """SEGA KSampler's concept_masks: (concepts x batch, H, W) at image size."""
     ratio = getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", 8)
     size = (latent.shape[-2] * ratio, latent.shape[-1] * ratio)
     batch = latent.shape[0]
     watch = next((w for w in runs or () if isinstance(w, MaskWatch)), None)
-    if watch is None:  # not connected, no concepts, or settings that never edit
+    if watch is None:  # no concepts, or settings that never edit
         return torch.zeros(max(1, len(specs)) * batch, *size)
     return watch.result(batch, size)
