@@ -284,3 +284,26 @@ def test_mask_preview_draws_each_concept(page_and_console, comfy_server, artifac
     assert node["widgets_values"] == original["widgets_values"]
     assert set(node) == set(original)
     assert not [c for c in console[before:] if c[0] in ("error", "pageerror")]
+
+
+def test_mask_preview_on_the_guider(page_and_console, comfy_server):
+    """With SEGA Guider the sampling runs in SamplerCustomAdvanced; the preview goes to the guider."""
+    page, console, _ = page_and_console
+    before = len(console)
+    wf = json.loads((WORKFLOWS_DIR / "06-guider-sampler-custom-advanced.json").read_text())
+    prompt = small(load(page, wf)["output"], comfy_server.ckpt_name)
+    assert prompt["8"]["class_type"] == "SEGAGuider"
+    client_id = page.evaluate("async () => (await import('/scripts/api.js')).api.clientId")
+    status, body = comfy_server.post_json("/api/prompt", {"prompt": prompt, "client_id": client_id})
+    assert status == 200, body
+    assert comfy_server.wait_history(body["prompt_id"])["status"]["status_str"] == "success"
+    preview = page.wait_for_function("""async (url) => {
+        const { maskPreview } = await import(url);
+        app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+        const p = maskPreview(app.graph.getNodeById(8));
+        return p && p.step === p.steps - 1 && p.tiles.length === 1 && p.tiles[0].shown && p;
+    }""", arg=PREVIEW_JS, timeout=30000).json_value()
+    assert preview["steps"] == STEPS and preview["tiles"][0]["active"]
+    assert page.evaluate("async (url) => (await import(url)).maskPreview(app.graph.getNodeById(12))",
+                         PREVIEW_JS) is None  # not on SamplerCustomAdvanced
+    assert not [c for c in console[before:] if c[0] in ("error", "pageerror")]
