@@ -35,7 +35,7 @@ def _start_at_step_input():
                 "its own steps. The momentum starts afresh in each run.")
 
 
-# the node's own id, and the prompt: for the mask preview on the page and the concept_masks output
+# the node's own id and the prompt (for the id the page knows it by): the mask preview is drawn on it
 _HIDDEN = [io.Hidden.unique_id, io.Hidden.dynprompt]
 
 
@@ -110,7 +110,8 @@ class SEGAKSampler(io.ComfyNode):
             node_id="SEGAKSampler",
             display_name="SEGA KSampler",
             category=CATEGORY,
-            description="KSampler with SEGA: adds or removes the concepts while keeping the composition.",
+            description="KSampler with SEGA: adds or removes the concepts while keeping the composition. "
+                        "While it samples, the node shows where each concept acts.",
             search_aliases=["semantic guidance sampler", "sega sampler", "sega ksampler"],
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with."),
