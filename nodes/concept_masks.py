@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from typing import Optional
 
 import torch
 
-log = logging.getLogger(__name__)
 
 EVENT = "sega.masks"
 INTERVAL = 0.25  # seconds between two previews of one run (the last step is always sent)
