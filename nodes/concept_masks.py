@@ -24,7 +24,6 @@ from typing import Optional
 
 import torch
 
-
 EVENT = "sega.masks"
 INTERVAL = 0.25  # seconds between two previews of one run (the last step is always sent)
 PREVIEW_SIDE = 128  # a larger latent is shrunk (area average) to fit this, to keep messages small
