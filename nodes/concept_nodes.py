@@ -81,7 +81,10 @@ class SEGAConcept(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, threshold=0.9, warmup=10, cooldown=NEVER, **kwargs):
+    def validate_inputs(cls, threshold=0.9):
+        # Only `threshold` is named, and no **kwargs: ComfyUI skips its own min/max and option checks
+        # for every input a validate_inputs takes, so edit_scale, weight, warmup, cooldown and
+        # direction stay checked by ComfyUI (a shared workflow with edit_scale 1e6 is refused).
         if not isinstance(threshold, (int, float)) or not (0.0 <= threshold < 1.0):
             return f"SEGA Concept: threshold must be in [0, 1) (0.9 keeps the top 10%), got {threshold}."
         return True
