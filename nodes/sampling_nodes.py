@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from .concept_masks import MaskWatch, preview_target
 from .concept_nodes import Concepts, _chain
+from .errors import SEGAError
 from .patch import apply_sega
 from .schema import CATEGORY, schema
 
@@ -150,6 +151,11 @@ class SEGAKSampler(io.ComfyNode):
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, momentum_scale, momentum_beta, concepts=None) -> io.NodeOutput:
         specs = _chain(concepts)
+        # A NaN in the input latent would give a NaN image even with no concept acting (the model
+        # is then left unpatched): refuse it here, and check the result whatever SEGA did.
+        if not bool(torch.isfinite(latent_image["samples"]).all()):
+            raise SEGAError("SEGA KSampler: latent_image holds NaN or inf values; check the node that made it "
+                            "(a loaded .latent file, a VAE Encode of a broken image).")
         # Always gathered (a few small tensor operations per step): ComfyUI caches a node's outputs by its
         # inputs, not by what is linked to them, so masks skipped while unlinked would stay empty when
         # the output is linked later.
@@ -158,6 +164,9 @@ class SEGAKSampler(io.ComfyNode):
                              preview=preview_target(cls.hidden), masks_out=runs)
         out = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                           latent_image, denoise=denoise)
+        if not bool(torch.isfinite(out[0]["samples"]).all()):
+            raise SEGAError("SEGA KSampler: sampling gave NaN or inf. Check the model (fp16 overflow?) and "
+                            "lower cfg or the concepts' edit_scale.")
         return io.NodeOutput(out[0], _concept_masks(model, specs, latent_image["samples"], runs))
 
 
