@@ -130,7 +130,11 @@ class SEGAConceptStack(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, concepts: io.Autogrow.Type) -> io.NodeOutput:
+    def execute(cls, concepts: io.Autogrow.Type = None) -> io.NodeOutput:
+        if not concepts:
+            # newer ComfyUI refuses an unconnected stack before running; older ones call it with nothing
+            raise SEGAError("SEGA Concept Stack: nothing is connected to its concepts input; connect a SEGA "
+                            "Concept, or remove the stack (a sampler with no concepts samples plain CFG).")
         out = []
         for name in sorted((concepts or {}), key=lambda n: int(n[len("concepts"):] or 0)):
             out += _chain(concepts[name])
