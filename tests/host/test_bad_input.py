@@ -215,18 +215,14 @@ def test_node_limits_are_checked(ckpt, node, name, value, message):
         run_prompt(g)
 
 
-def test_threshold_0999_is_accepted(ckpt, queue):
-    """The node's largest threshold runs (validation and execution)."""
-    out = queue.run(_one_concept_graph(ckpt, threshold=0.999))["out"]
-    assert torch.isfinite(out).all()
-
-
 def test_empty_concept_stack_is_refused(ckpt):
     g = graph(ckpt)
     g["stack"] = {"class_type": "SEGAConceptStack", "inputs": {}}
     add_sega_ksampler(g, "sampler", ["stack", 0])
-    with pytest.raises(PromptValidationError, match=r"node stack \(SEGAConceptStack\): Required input is missing: "
-                                                    r"concepts0"):
+    # refused by validation where ComfyUI checks Autogrow's minimum (v0.33.0), else by the node
+    with pytest.raises((PromptValidationError, PromptExecutionError),
+                       match=r"node stack \(SEGAConceptStack\)(: Required input is missing: concepts0| failed: .*"
+                             r"SEGA Concept Stack: nothing is connected to its concepts input)"):
         run_prompt(save(g, "out", ["sampler", 0]))
 
 
@@ -311,14 +307,16 @@ def test_nan_in_the_input_latent_is_an_error(ckpt, queue, nan_latent_file, with_
 
 @pytest.fixture(scope="module")
 def shared_concept_runs(ckpt, queue):
-    """One concept in two stacks, each stack in its own sampler, in one graph; and each sampler alone.
+    """One concept in two stacks, each stack in its own sampler, in one graph; and each sampler alone
+    (with the node's largest threshold, 0.999, on the second concept).
     Each run names the concept differently (the label only shows in messages), so that the queue's
     cache cannot hand one run's samples to another: every sampler executes."""
     def run(which, label):
         g = graph(ckpt)
         c = add_concept(g, "c", "glasses", label=label)
         if "s1" in which:
-            add_sega_ksampler(g, "s1", add_stack(g, "x", [c, add_concept(g, "d", "beard", direction="remove")]),
+            add_sega_ksampler(g, "s1", add_stack(g, "x", [c, add_concept(g, "d", "beard", direction="remove",
+                                                                         threshold=0.999)]),
                               seed=1)
             save(g, "out1", ["s1", 0])
         if "s2" in which:
