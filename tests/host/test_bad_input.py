@@ -339,3 +339,18 @@ def test_concept_wired_into_two_samplers(shared_concept_runs):
     both, _, alone2 = shared_concept_runs
     assert torch.equal(both["out2"], alone2)
     assert not torch.equal(both["out1"], both["out2"])
+
+
+def test_model_giving_nan_with_no_concepts_is_an_error(comfy_nodes, model):
+    """A model that gives NaN (fp16 overflow, broken weights) through SEGA KSampler with no concept acting:
+    the node reports it instead of passing a NaN latent on."""
+    import nodes
+
+    broken = model.clone()
+    broken.set_model_unet_function_wrapper(
+        lambda apply, args: apply(args["input"], args["timestep"], **args["c"]) * float("nan"))
+    sampler = nodes.NODE_CLASS_MAPPINGS["SEGAKSampler"]
+    with pytest.raises(ValueError, match=r"SEGA KSampler: sampling gave NaN or inf"):  # SEGAError
+        sampler.execute(model=broken, seed=0, steps=1, cfg=7.5, sampler_name="euler", scheduler="normal",
+                        positive=cond(1), negative=cond(2), latent_image={"samples": torch.zeros(1, 4, SIZE, SIZE)},
+                        denoise=1.0, momentum_scale=0.1, momentum_beta=0.4)
