@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy.model_management
-import comfy.patcher_extension
-import comfy.sample
-import comfy.utils
-
-from comfy_host import PromptExecutionError, run_prompt, saved_images
+from comfy_host import PromptExecutionError, run_prompt, saved_images  # first: it readies ComfyUI's imports
 from sega_graphs import Queue, add_concept, add_ksampler, add_sega_ksampler, add_stack, graph, save
 from sega_testlib import apply_sega, concept, cond, pack_module, sample, tiny_sd15_model
+
+import comfy.model_management  # noqa: E402
+import comfy.patcher_extension  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.utils  # noqa: E402
 
 STEPS = 3
 
