@@ -5,13 +5,16 @@ From the ComfyUI folder, with ComfyUI's Python:
     python custom_nodes/comfyui-sega/run_sega.py --checkpoint v1-5-pruned-emaonly.safetensors
     python custom_nodes/comfyui-sega/run_sega.py --tiny      # smoke test on a generated tiny model
 
-It loads ComfyUI's nodes in this process, samples the same seed without and with SEGA (one
-concept added by default), and writes both images side by side into ComfyUI's output folder.
+It loads ComfyUI's nodes in this process, runs a shipped example workflow (--workflow: any saved
+workflow with SEGA Concepts and one Save Image) once without SEGA (every concept at edit_scale 0,
+which samples exactly as without SEGA) and once with it, on the same seed, and writes both images
+side by side into ComfyUI's output folder.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -222,51 +225,184 @@ def tiny_checkpoint(folder: Path = CACHE_DIR / "models" / "checkpoints") -> Path
 
 # -- the workflow ----------------------------------------------------------------------------------
 
-def sega_prompt(ckpt: str, prompt: str, negative: str, concept: str, direction: str, edit_scale: float,
-                warmup: int, steps: int, cfg: float, seed: int, size: int, prefix: str) -> dict:
-    """API-format prompt: the same seed without SEGA (KSampler) and with it (SEGA KSampler),
-    stitched side by side (ImageStitch) into one saved image."""
-    sampler = {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
-               "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0,
-               "model": ["ckpt", 0]}
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["ckpt", 1]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["ckpt", 1]}},
-        "ctext": {"class_type": "CLIPTextEncode", "inputs": {"text": concept, "clip": ["ckpt", 1]}},
-        "concept": {"class_type": "SEGAConcept", "inputs": {
-            "conditioning": ["ctext", 0], "edit_scale": edit_scale, "direction": direction, "threshold": 0.9,
-            "warmup": warmup, "cooldown": 10000, "weight": 1.0, "label": concept}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "plain": {"class_type": "KSampler", "inputs": dict(sampler)},
-        "sega": {"class_type": "SEGAKSampler", "inputs": dict(sampler, concepts=["concept", 0],
-                                                                momentum_scale=0.1, momentum_beta=0.4)},
-        "decode_plain": {"class_type": "VAEDecode", "inputs": {"samples": ["plain", 0], "vae": ["ckpt", 2]}},
-        "decode_sega": {"class_type": "VAEDecode", "inputs": {"samples": ["sega", 0], "vae": ["ckpt", 2]}},
-        "stitch": {"class_type": "ImageStitch", "inputs": {
-            "image1": ["decode_plain", 0], "image2": ["decode_sega", 0], "direction": "right",
-            "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["stitch", 0], "filename_prefix": prefix}},
-    }
+DEFAULT_WORKFLOW = PACK_ROOT / "workflows" / "01-add-concept-portrait-sd15.json"
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")  # a seed's "control after generate"
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+NOTE_TYPES = ("Note", "MarkdownNote")
+
+
+class WorkflowError(RuntimeError):
+    """A workflow file this script cannot run; the message says why."""
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0]
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput")
+
+
+def node_input_types(kind: str):
+    """The input definitions of a loaded node type (as GET /object_info gives them), or None."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS.get(kind)
+    return None if cls is None else cls.INPUT_TYPES()
+
+
+def _default(spec):
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    choices = spec[0] if isinstance(spec[0], list) else options.get("options") or [None]
+    return choices[0]
+
+
+def ui_to_api(workflow: dict, input_types=node_input_types) -> dict:
+    """The API-format prompt of a workflow saved by ComfyUI's frontend (UI format), as the
+    frontend's "Export (API)" makes it for plain graphs: links become [node id, output slot],
+    `widgets_values` fill the node's widget inputs in the order of its input definitions (a seed's
+    "control after generate" value is skipped). Notes are left out; groups, reroutes, muted or
+    bypassed nodes and subgraphs are refused. `input_types(kind)` gives a node type's input
+    definitions (None for an unknown type)."""
+    links = {link[0]: link for link in workflow.get("links", [])}  # [id, from, from_slot, to, to_slot, type]
+    prompt = {}
+    for node in workflow.get("nodes", []):
+        kind = node.get("type")
+        if kind in NOTE_TYPES:
+            continue
+        defs = input_types(kind)
+        if defs is None:
+            raise WorkflowError(f"node {node.get('id')}: '{kind}' is not a node of this ComfyUI "
+                                f"(missing custom node, or a reroute/subgraph this script does not convert)")
+        if node.get("mode", 0) != 0:
+            raise WorkflowError(f"node {node['id']} ({kind}) is muted or bypassed: un-mute it or pick another workflow")
+        inputs = {}
+        for socket in node.get("inputs", []):
+            if socket.get("link") is not None:
+                link = links[socket["link"]]
+                inputs[socket["name"]] = [str(link[1]), link[2]]
+        values = list(node.get("widgets_values") or [])
+        for name, spec in [*defs.get("required", {}).items(), *defs.get("optional", {}).items()]:
+            if not _is_widget(spec):
+                continue
+            # a widget added to the node after the workflow was saved gets its default, as in the frontend
+            value = values.pop(0) if values else _default(spec)
+            inputs.setdefault(name, value)  # a widget turned into a linked input keeps its link
+            if spec[0] == "INT" and values and values[0] in CONTROL_VALUES:
+                values.pop(0)
+        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
+    return prompt
+
+
+def _nodes_of(prompt: dict, kind: str) -> list:
+    return [n for n in prompt.values() if n["class_type"] == kind]
+
+
+def _source(prompt: dict, node: dict, name: str):
+    link = node["inputs"].get(name)
+    return prompt.get(link[0]) if isinstance(link, list) else None
+
+
+def _downstream(prompt: dict, roots: set) -> set:
+    """Ids of `roots` and of every node that takes, directly or not, an output of one of them."""
+    found = set(roots)
+    changed = True
+    while changed:
+        changed = False
+        for nid, node in prompt.items():
+            if nid not in found and any(isinstance(v, list) and v and v[0] in found for v in node["inputs"].values()):
+                found.add(nid)
+                changed = True
+    return found
+
+
+def side_by_side(prompt: dict, prefix: str) -> dict:
+    """One prompt that runs `prompt` twice, without SEGA (every SEGA Concept at edit_scale 0, which
+    samples exactly as without SEGA) and with it, and saves both images side by side. Only the
+    nodes after a SEGA Concept are doubled (the checkpoint loads once)."""
+    saves = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
+    concepts = {nid for nid, n in prompt.items() if n["class_type"] == "SEGAConcept"}
+    if len(saves) != 1 or not concepts:
+        raise WorkflowError("the workflow needs one SaveImage and at least one SEGA Concept "
+                            f"(it has {len(saves)} SaveImage and {len(concepts)} SEGA Concept)")
+    save = prompt[saves[0]]
+    images = save["inputs"]["images"]
+    out = {nid: n for nid, n in prompt.items() if nid != saves[0]}
+    doubled = _downstream(out, concepts)
+
+    def base(link):
+        return [f"base:{link[0]}", link[1]] if isinstance(link, list) and link and link[0] in doubled else link
+
+    for nid in doubled:
+        node = out[nid]
+        inputs = {k: base(v) for k, v in node["inputs"].items()}
+        if node["class_type"] == "SEGAConcept":
+            inputs["edit_scale"] = 0.0
+        out[f"base:{nid}"] = {"class_type": node["class_type"], "inputs": inputs}
+    base_images = base(images)
+    out["sega_stitch"] = {"class_type": "ImageStitch", "inputs": {
+        "image1": base_images, "image2": images, "direction": "right", "match_image_size": True,
+        "spacing_width": 8, "spacing_color": "white"}}
+    out["sega_save"] = {"class_type": "SaveImage", "inputs": {"images": ["sega_stitch", 0], "filename_prefix": prefix}}
+    return out
+
+
+def apply_options(prompt: dict, args) -> None:
+    """The command line's settings, where given, over the workflow's own."""
+    def set_all(name, value, kinds=None):
+        if value is not None:
+            for node in prompt.values():
+                if name in node["inputs"] and (kinds is None or node["class_type"] in kinds):
+                    node["inputs"][name] = value
+
+    set_all("ckpt_name", args.checkpoint_name, ("CheckpointLoaderSimple",))
+    for name in ("seed", "noise_seed"):
+        set_all(name, args.seed)
+    set_all("steps", args.steps)
+    set_all("cfg", args.cfg)
+    set_all("width", args.size, ("EmptyLatentImage",))
+    set_all("height", args.size, ("EmptyLatentImage",))
+    for option, kind in (("edit_scale", "edit_scale"), ("direction", "direction"), ("warmup", "warmup")):
+        set_all(kind, getattr(args, option), ("SEGAConcept",))
+    for role in ("positive", "negative"):
+        text = getattr(args, "prompt" if role == "positive" else "negative")
+        if text is None:
+            continue
+        for node in list(prompt.values()):
+            source = _source(prompt, node, role)
+            if source is not None and source["class_type"] == "CLIPTextEncode":
+                source["inputs"]["text"] = text
+    if args.concept is not None:
+        concepts = _nodes_of(prompt, "SEGAConcept")
+        if len(concepts) != 1:
+            raise WorkflowError(f"--concept needs a workflow with one SEGA Concept; this one has {len(concepts)}")
+        source = _source(prompt, concepts[0], "conditioning")
+        if source is None or source["class_type"] != "CLIPTextEncode":
+            raise WorkflowError("--concept: the SEGA Concept's conditioning does not come from a CLIP Text Encode")
+        source["inputs"]["text"] = args.concept
+        concepts[0]["inputs"]["label"] = args.concept
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a checkpoint in ComfyUI's models/checkpoints (an SD 1.x model fits "
-                                        "the defaults)")
+                                        "the default workflow)")
     p.add_argument("--tiny", action="store_true", help="smoke test: a generated random-weight SD1.5 model "
                                                        "(the image is noise; it checks that everything runs)")
+    p.add_argument("--workflow", default=str(DEFAULT_WORKFLOW),
+                   help="a workflow saved by ComfyUI (UI format) with SEGA Concepts and one Save Image "
+                        "(default: the pack's example 01, 'glasses' added to a portrait)")
     p.add_argument("--comfyui", help="the ComfyUI folder (default: found from this file or the current folder)")
-    p.add_argument("--prompt", default="a photo of a man in a park, portrait")
-    p.add_argument("--negative", default="blurry, low quality")
-    p.add_argument("--concept", default="glasses")
-    p.add_argument("--direction", choices=["add", "remove"], default="add")
-    p.add_argument("--edit-scale", type=float, default=5.0)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--prompt", help="the positive prompt's text (default: the workflow's)")
+    p.add_argument("--negative", help="the negative prompt's text")
+    p.add_argument("--concept", help="the concept's text (workflows with one SEGA Concept)")
+    p.add_argument("--direction", choices=["add", "remove"])
+    p.add_argument("--edit-scale", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--size", type=int, help="width and height of the empty latent image, in pixels")
     p.add_argument("--output-dir", help="where the image goes (default: ComfyUI's output folder)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -284,31 +420,42 @@ def main(argv=None) -> int:
     if args.tiny:
         ckpt_path = tiny_checkpoint()
         folder_paths.add_model_folder_path("checkpoints", str(ckpt_path.parent))
-        ckpt = ckpt_path.name
-        if "--steps" not in (argv or sys.argv):
-            args.steps, args.warmup = 8, 2
-        if "--size" not in (argv or sys.argv):
-            args.size = 64
+        args.checkpoint_name = ckpt_path.name
+        # a quick run: the tiny model's images are noise whatever the settings
+        args.steps = 8 if args.steps is None else args.steps
+        args.warmup = 2 if args.warmup is None else args.warmup
+        args.size = 64 if args.size is None else args.size
     else:
         available = folder_paths.get_filename_list("checkpoints")
         if not args.checkpoint or args.checkpoint not in available:
             which = f"'{args.checkpoint}' is not" if args.checkpoint else "no --checkpoint"
             print(f"{which} among ComfyUI's checkpoints ({root / 'models' / 'checkpoints'}).", file=sys.stderr)
-            print("Put a checkpoint there (an SD 1.5 model fits the defaults) and pass --checkpoint NAME, "
+            print("Put a checkpoint there (an SD 1.5 model fits the default workflow) and pass --checkpoint NAME, "
                   "or run with --tiny for a smoke test on a generated model.", file=sys.stderr)
             if available:
                 print("Available: " + ", ".join(available), file=sys.stderr)
             return 2
-        ckpt = args.checkpoint
+        args.checkpoint_name = args.checkpoint
+    try:
+        with open(args.workflow, encoding="utf-8") as f:
+            workflow = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"cannot read the workflow {args.workflow}: {e}", file=sys.stderr)
+        return 2
     init_nodes()
-    prefix = "sega_run"
-    outputs = execute_prompt(sega_prompt(ckpt, args.prompt, args.negative, args.concept, args.direction,
-                                         args.edit_scale, args.warmup, args.steps, args.cfg, args.seed,
-                                         args.size, prefix))
-    image = outputs["save"]["images"][0]
+    try:
+        prompt = ui_to_api(workflow)
+        apply_options(prompt, args)
+        prompt = side_by_side(prompt, "sega_run")
+    except WorkflowError as e:
+        print(f"{Path(args.workflow).name}: {e}", file=sys.stderr)
+        return 2
+    outputs = execute_prompt(prompt)
+    image = outputs["sega_save"]["images"][0]
     result = Path(folder_paths.get_output_directory()) / image.get("subfolder", "") / image["filename"]
-    print(f"without SEGA (left) and with '{args.concept}' {'added' if args.direction == 'add' else 'removed'} "
-          f"(right): {result}")
+    labels = [n["inputs"].get("label") or "a concept" for nid, n in prompt.items()
+              if n["class_type"] == "SEGAConcept" and not nid.startswith("base:")]
+    print(f"{Path(args.workflow).name}: without SEGA (left) and with SEGA ({', '.join(labels)}) (right): {result}")
     return 0
 
 

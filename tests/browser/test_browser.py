@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from comfy_browser import PACK_NAME, is_stock_console_error, open_page, why_no_browser
+from run_sega import ui_to_api
 
 _missing = why_no_browser()
 if _missing:
@@ -139,6 +140,12 @@ def test_example_loads_converts_and_runs(page_and_console, comfy_server, artifac
     assert len(converted["workflow"]["nodes"]) == len(wf["nodes"])
     errors = [c for c in console[before:] if c[0] in ("error", "pageerror")]
     assert not errors, errors
+
+    # run_sega.py's converter (the README's first command runs a shipped workflow with it) gives
+    # the frontend's prompt
+    object_info = comfy_server.get_json("/api/object_info")
+    frontend = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in prompt.items()}
+    assert ui_to_api(wf, lambda kind: object_info[kind]["input"] if kind in object_info else None) == frontend
 
     prompt = small(prompt, comfy_server.ckpt_name)
     if path.stem == "09b-replay-edit":

@@ -1,8 +1,13 @@
 """The README's first command: run_sega.py runs a SEGA workflow through ComfyUI without the browser."""
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 from comfy_host import PACK_ROOT, host_on_path
 
@@ -27,6 +32,49 @@ def test_tiny_smoke_run_writes_both_images_side_by_side(tmp_path, tiny_sd15_chec
     assert res.returncode == 0, res.stdout + res.stderr
     images = sorted(tmp_path.glob("sega_run_*.png"))
     assert len(images) == 1 and str(images[0]) in res.stdout
+    assert "01-add-concept-portrait-sd15.json" in res.stdout and "(glasses)" in res.stdout
     with Image.open(images[0]) as im:
         assert im.size == (64 * 2 + 8, 64)  # without SEGA | 8 px gap | with SEGA
-    assert "3/3" in res.stderr  # the sampler's progress bar
+        pixels = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert np.abs(pixels[:, :64] - pixels[:, 72:]).max() > 0, "SEGA changed nothing"
+    assert res.stderr.count(" 0/3 [") == 2 and "3/3" in res.stderr  # progress bars: without and with SEGA
+
+
+def test_runs_another_shipped_workflow(tmp_path, tiny_sd15_checkpoint):
+    """--workflow: the stack of three concepts (example 04), with the workflow's own concepts."""
+    res = _run("--tiny", "--steps", "2", "--size", "64", "--workflow",
+               str(PACK_ROOT / "workflows" / "04-several-concepts-stack.json"), tmp_path=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(list(tmp_path.glob("sega_run_*.png"))) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workflow", "09b-replay-edit.json"], "at least one SEGA Concept"),
+    (["--workflow", "04-several-concepts-stack.json", "--concept", "hat"], "--concept needs a workflow with one"),
+    (["--workflow", "no-such-workflow.json"], "cannot read the workflow"),
+])
+def test_a_workflow_it_cannot_run_is_refused_with_the_reason(tmp_path, tiny_sd15_checkpoint, args, message):
+    args[1] = str(PACK_ROOT / "workflows" / args[1])
+    res = _run("--tiny", *args, tmp_path=tmp_path)
+    assert res.returncode == 2 and message in res.stderr, res.stdout + res.stderr
+
+
+def test_converts_every_shipped_workflow_for_comfyui(comfy_nodes):
+    """ui_to_api gives prompts ComfyUI's validation accepts (the browser tests compare them with the frontend's)."""
+    import execution
+
+    import run_sega
+
+    checked = 0
+    for path in sorted((PACK_ROOT / "workflows").glob("*.json")):
+        prompt = run_sega.ui_to_api(json.loads(path.read_text()))
+        kinds = {node["class_type"] for node in prompt.values()}
+        if kinds & {"LoadImage", "SEGAReplayEdit"}:
+            continue  # they name files a user would have (an input image, a saved edit)
+        for node in prompt.values():
+            if node["class_type"] == "CheckpointLoaderSimple":
+                node["inputs"]["ckpt_name"] = run_sega.TINY_NAME
+        valid, error, _, node_errors = asyncio.run(execution.validate_prompt("t", prompt, None))
+        assert valid, (path.name, error, node_errors)
+        checked += 1
+    assert checked >= 8
