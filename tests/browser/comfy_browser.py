@@ -1,25 +1,19 @@
 """A ComfyUI server and a headless Chromium page for the browser tests (and make_workflows.py).
 
-The server runs the ComfyUI host found by tests/conftest.py with --cpu on 127.0.0.1 and a free
-port, in a temporary base directory holding this pack (linked into custom_nodes/) and the tiny
-checkpoint. The browser is the system's Chromium (Debian's `chromium` package) driven by Python
-playwright; no browser is ever downloaded, and every page request that is not to the local
-server is aborted.
+The server is tests/host/comfy_server.py's: the ComfyUI host found by tests/conftest.py with --cpu
+on 127.0.0.1 and a free port, in a temporary base directory holding this pack (linked into
+custom_nodes/), the tiny checkpoint and, added here, the frontend's user settings. The browser
+is the system's Chromium (Debian's `chromium` package) driven by Python playwright; no browser
+is ever downloaded, and every page request that is not to the local server is aborted.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[2]
-PACK_NAME = "comfyui-sega"
+from comfy_server import PACK_NAME, PACK_ROOT, Server, prepare_server_dir  # noqa: F401  (re-exported)
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # The console errors of a stock page: the app's startup notice, and the frontend's index.html
@@ -52,24 +46,11 @@ def why_no_browser() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_base_dir(base: Path, checkpoint: Path | None) -> None:
-    """ComfyUI's --base-directory: the pack, the checkpoint, settings that skip the tutorial."""
-    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
-    link = base / "custom_nodes" / PACK_NAME
-    if not link.exists():
-        link.symlink_to(PACK_ROOT, target_is_directory=True)
-    ckpts = base / "models" / "checkpoints"
-    ckpts.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None and not (ckpts / checkpoint.name).exists():
-        (ckpts / checkpoint.name).symlink_to(checkpoint)
+    """The server's base directory (comfy_server.prepare_server_dir) with the user settings of a
+    used install, so that the page shows no tutorial and logs no 404s that are not the pack's."""
+    prepare_server_dir(base, checkpoint)
     user = base / "user" / "default"
-    # what a used install has; without them the page logs 404s that are not the pack's
     for folder in ("workflows", "subgraphs"):
         (user / folder).mkdir(parents=True, exist_ok=True)
     (user / "comfy.templates.json").write_text("[]")
@@ -80,77 +61,6 @@ def prepare_base_dir(base: Path, checkpoint: Path | None) -> None:
         "Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
         "Comfy.Workflow.ShowMissingModelsWarning": False,
         "LiteGraph.Canvas.MinFontSizeForLOD": 1, "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1}))
-    (base / "input").mkdir(exist_ok=True)
-    (base / "output").mkdir(exist_ok=True)
-
-
-class Server:
-    def __init__(self, host_dir: Path, base: Path, python: str = sys.executable):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.base = base
-        self.log_path = base / "comfyui.log"
-        self._log = open(self.log_path, "wb")
-        cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-               "--disable-api-nodes", "--disable-auto-launch"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=str(host_dir), stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/api/system_stats", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            body = r.read()
-            return r.status, r.headers.get("Content-Type", ""), body
-
-    def get_json(self, path: str):
-        return json.loads(self.get(path)[2])
-
-    def post_json(self, path: str, data) -> tuple[int, dict]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
-
-    def wait_history(self, prompt_id: str, timeout: float = 120) -> dict:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            h = self.get_json(f"/api/history/{prompt_id}")
-            if prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
-                entry = h[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
-            time.sleep(0.2)
-        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s:\n{self.log()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def launch_browser(playwright):

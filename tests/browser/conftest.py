@@ -37,7 +37,7 @@ def artifacts_dir() -> Path:
 def comfy_server(tmp_path_factory):
     import comfy_host
     from comfy_browser import Server, prepare_base_dir
-    from conftest_host import host_dir
+    from comfy_server import host_dir
 
     ckpt = comfy_host.tiny_sd15_checkpoint_path()
     base = tmp_path_factory.mktemp("comfyui-base")

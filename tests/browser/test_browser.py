@@ -8,7 +8,6 @@ The SDXL example runs on the tiny SD1.5 checkpoint: its graph has the same shape
 """
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -82,16 +81,7 @@ def queue_and_wait(server, prompt: dict) -> dict:
 
 
 def images_of(server, entry: dict) -> list:
-    from PIL import Image
-
-    found = []
-    for out in entry["outputs"].values():
-        for img in out.get("images", []):
-            q = f"filename={img['filename']}&subfolder={img['subfolder']}&type={img['type']}"
-            status, ctype, body = server.get(f"/view?{q}")
-            assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n", (status, ctype)
-            found.append(Image.open(io.BytesIO(body)))
-    return found
+    return server.images(entry)
 
 
 def screenshot(page, artifacts_dir: Path, name: str) -> None:
