@@ -38,6 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fetch_json(url: str, timeout: float = 30):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.load(r)
+
+
 def prepare_server_dir(base: Path, checkpoint: Path | None) -> None:
     """ComfyUI's --base-directory: the pack under custom_nodes/, the checkpoint, input/ and output/."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)

@@ -8,18 +8,16 @@ holds a link to this pack.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from comfy_host import PACK_NAME, PACK_ROOT
+from comfy_server import fetch_json, free_port
 
 OLD_HOST = Path(os.environ.get("SEGA_OLD_COMFYUI") or Path.home() / "ComfyUI-v0.3.64")
 OLD_PYTHON = Path(os.environ.get("SEGA_OLD_COMFYUI_PYTHON")
@@ -28,24 +26,13 @@ START_TIMEOUT_S = 180
 UPDATE_LINE = re.compile(r"update comfyui", re.IGNORECASE)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.load(r)
-
-
 def run_old_comfyui(host: Path, python: Path, pack_dir: Path, work: Path) -> tuple[dict, list[str]]:
     """Start `host` with `pack_dir` as its only custom node; return (/object_info, log lines)."""
     base = work / "base"
     (base / "custom_nodes").mkdir(parents=True)
     (base / "user").mkdir()
     (base / "custom_nodes" / PACK_NAME).symlink_to(pack_dir.resolve(), target_is_directory=True)
-    port = _free_port()
+    port = free_port()
     log_path = work / "comfyui.log"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -61,14 +48,14 @@ def run_old_comfyui(host: Path, python: Path, pack_dir: Path, work: Path) -> tup
                     raise AssertionError(f"ComfyUI exited with {proc.returncode} while starting:\n"
                                          + log_path.read_text(errors="replace")[-4000:])
                 try:
-                    _get_json(f"http://127.0.0.1:{port}/system_stats")
+                    fetch_json(f"http://127.0.0.1:{port}/system_stats")
                     break
                 except OSError:
                     if time.monotonic() > deadline:
                         raise AssertionError(f"ComfyUI did not answer in {START_TIMEOUT_S} s:\n"
                                              + log_path.read_text(errors="replace")[-4000:])
                     time.sleep(0.5)
-            object_info = _get_json(f"http://127.0.0.1:{port}/object_info")
+            object_info = fetch_json(f"http://127.0.0.1:{port}/object_info")
         finally:
             proc.terminate()
             try:

@@ -23,17 +23,16 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from comfy_host import PACK_NAME, host_on_path
+from comfy_server import fetch_json, free_port
 from install_env import clone, pypi_venv, requirement_lines
 
 pytestmark = pytest.mark.host
@@ -53,17 +52,6 @@ def sega_node_ids(pack: Path) -> set[str]:
             if isinstance(node, ast.keyword) and node.arg == "node_id" and isinstance(node.value, ast.Constant):
                 ids.add(node.value.value)
     return ids
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.load(r)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -119,7 +107,7 @@ def cm_cli(python: Path) -> list[str]:
 
 
 def start_comfyui(python: Path, comfy: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--enable-manager",
            "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "COMFYUI_PATH")}
@@ -133,7 +121,7 @@ def start_comfyui(python: Path, comfy: Path, log_path: Path) -> tuple[subprocess
             log = log_path.read_text(errors="replace")
             raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{log[-4000:]}")
         try:
-            _get_json(url + "/api/system_stats")
+            fetch_json(url + "/api/system_stats")
             return proc, url
         except OSError:
             if time.monotonic() > deadline:
@@ -178,9 +166,9 @@ def test_cm_cli_install_from_git_url(git_server, tmp_path):
     t0 = time.monotonic()
     proc, server = start_comfyui(python, comfy, tmp_path / "comfyui.log")
     try:
-        object_info = _get_json(server + "/object_info")
-        templates = _get_json(server + "/api/workflow_templates")
-        extensions = _get_json(server + "/extensions")
+        object_info = fetch_json(server + "/object_info")
+        templates = fetch_json(server + "/api/workflow_templates")
+        extensions = fetch_json(server + "/extensions")
     finally:
         proc.terminate()
         try:
