@@ -185,11 +185,13 @@ def test_a_queue_of_prompts_leaves_no_state(ckpt, queue, nan_latent, monkeypatch
         queue.run(save(g, "out", add_ksampler(g, "sampler", model=["apply", 0], denoise=0.5)))
 
     def hook(value, total, *args, **kwargs):  # ComfyUI's progress hook, with the UI's interrupt at step 2
-        if value == 2:
+        if value >= 2:
             comfy.model_management.interrupt_current_processing()
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    # newer ComfyUI calls the hook at most every 0.1 s: every step here
+    monkeypatch.setattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL", 0.0, raising=False)
     g = graph(ckpt)
     with pytest.raises(PromptExecutionError, match=r"interrupted at node sampler"):
         queue.run(save(g, "out", add_sega_ksampler(g, "sampler", _two_concepts(g, "interrupted"), seed=5,
