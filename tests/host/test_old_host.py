@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_NAME, PACK_ROOT
-from comfy_server import fetch_json, free_port
+from comfy_server import fetch_json, free_port, stop_process
 
 OLD_HOST = Path(os.environ.get("SEGA_OLD_COMFYUI") or Path.home() / "ComfyUI-v0.3.64")
 OLD_PYTHON = Path(os.environ.get("SEGA_OLD_COMFYUI_PYTHON")
@@ -57,12 +57,7 @@ def run_old_comfyui(host: Path, python: Path, pack_dir: Path, work: Path) -> tup
                     time.sleep(0.5)
             object_info = fetch_json(f"http://127.0.0.1:{port}/object_info")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
     return object_info, log_path.read_text(errors="replace").splitlines()
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_NAME, host_on_path
-from comfy_server import fetch_json, free_port
+from comfy_server import fetch_json, free_port, stop_process
 from install_env import clone, pypi_venv, requirement_lines
 
 pytestmark = pytest.mark.host
@@ -170,12 +170,7 @@ def test_cm_cli_install_from_git_url(git_server, tmp_path):
         templates = fetch_json(server + "/api/workflow_templates")
         extensions = fetch_json(server + "/extensions")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     log = (tmp_path / "comfyui.log").read_text(errors="replace")
     print(f"ComfyUI started in {time.monotonic() - t0:.1f} s")
     assert "IMPORT FAILED" not in log, log[-4000:]
