@@ -97,11 +97,14 @@ class MaskWatch:
         """One step's kept entries (len(rows), B, C, ...) of the concepts `rows`; `active[c]`: concept c
         edits the image this step; `weights[k]`: None or a (B or 1, H, W) weight for row k (its mask)."""
         where = {}
-        if kept is not None:
-            for k, c in enumerate(rows):
-                if active[c]:
-                    m = kept[k].float().flatten(1, -3).mean(1)  # (B, H, W): fraction of channels (and frames)
-                    where[c] = m if weights[k] is None else m * weights[k]
+        live = [k for k, c in enumerate(rows) if active[c]]
+        if kept is not None and live:
+            # (len(rows), B, H, W): the fraction of channels (and frames) kept, for all rows in one
+            # reduction, counted from the bool mask without a float copy of it
+            kept = kept.flatten(2, -3)
+            frac = kept.sum(2, dtype=torch.float32).div_(kept.shape[2])
+            for k in live:
+                where[rows[k]] = frac[k] if weights[k] is None else frac[k] * weights[k]
         if self.sums is not None:
             for c, m in where.items():
                 self.sums[c] = m.clone() if self.sums[c] is None else self.sums[c].add_(m)
