@@ -10,6 +10,7 @@ Fixtures (re-exported by tests/host/conftest.py):
                         the repo, at ${SEGA_TEST_CACHE:-$HOME/.cache/comfyui-sega}/models/checkpoints/
   comfy_nodes           ComfyUI's nodes initialised once per session, with this pack loaded as a
                         custom node and the output folder in a temp dir
+  ckpt                  the tiny checkpoint's name, for CheckpointLoaderSimple (both of the above)
 
 Functions:
   run_prompt(prompt)    validate and execute an API-format prompt in-process; returns the outputs,
@@ -201,6 +202,13 @@ def init_comfy(work_dir: Path, packs: dict[str, Path] | None = None) -> ComfyNod
 @pytest.fixture(scope="session")
 def comfy_nodes(tmp_path_factory) -> ComfyNodes:
     return init_comfy(tmp_path_factory.mktemp("comfyui"))
+
+
+@pytest.fixture(scope="session")
+def ckpt(comfy_nodes, tiny_sd15_checkpoint) -> str:
+    """The tiny checkpoint's name for CheckpointLoaderSimple, with ComfyUI and this pack loaded."""
+    assert comfy_nodes.pack_imported, comfy_nodes.pack_error
+    return tiny_sd15_checkpoint.name
 
 
 def load_pack(path: Path) -> list[str]:

@@ -179,12 +179,6 @@ def test_concept_stack_with_thirty_slots_keeps_their_order(comfy_nodes):
 # -- whole prompts --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ckpt(comfy_nodes, tiny_sd15_checkpoint):
-    assert comfy_nodes.pack_imported, comfy_nodes.pack_error
-    return tiny_sd15_checkpoint.name
-
-
-@pytest.fixture(scope="module")
 def queue(ckpt):
     """The prompts of this module that run go through one queue: the checkpoint loads once."""
     return Queue()

@@ -69,12 +69,6 @@ def test_interrupted_run_leaves_no_state(models, sampler):
 
 # -- whole prompts --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ckpt(comfy_nodes, tiny_sd15_checkpoint):
-    assert comfy_nodes.pack_imported, comfy_nodes.pack_error
-    return tiny_sd15_checkpoint.name
-
-
 def _two_concepts(g, label="glasses"):
     return add_stack(g, "stack", [add_concept(g, "c1", "glasses", label=label),
                                   add_concept(g, "c2", "beard", direction="remove", warmup=1, edit_scale=10.0)])

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from comfy_host import PromptExecutionError, PromptValidationError, run_prompt, saved_images
+from comfy_host import PromptValidationError, run_prompt, saved_images
+from sega_graphs import sampler_inputs
 
 STEPS = 6
 
@@ -37,11 +38,7 @@ def finish(g: dict, latent_ref: list) -> dict:
 
 
 def ksampler_inputs(**extra) -> dict:
-    inputs = {"model": ["ckpt", 0], "seed": 7, "steps": STEPS, "cfg": 7.5, "sampler_name": "euler",
-              "scheduler": "normal", "positive": ["pos", 0], "negative": ["neg", 0],
-              "latent_image": ["latent", 0], "denoise": 1.0}
-    inputs.update(extra)
-    return inputs
+    return sampler_inputs(steps=STEPS, **extra)
 
 
 def way_sega_ksampler(ckpt, concepts, batch=1):
@@ -91,12 +88,6 @@ def image(prompt) -> np.ndarray:
 # strong settings: the random-weight model's predictions differ little between prompts
 CONCEPTS = [("glasses", {"edit_scale": 20.0, "threshold": 0.5, "warmup": 0}),
             ("beard", {"direction": "remove", "warmup": 1, "edit_scale": 10.0, "threshold": 0.7})]
-
-
-@pytest.fixture(scope="module")
-def ckpt(comfy_nodes, tiny_sd15_checkpoint):
-    assert comfy_nodes.pack_imported, comfy_nodes.pack_error
-    return tiny_sd15_checkpoint.name
 
 
 @pytest.fixture(scope="module")
