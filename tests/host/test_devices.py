@@ -67,3 +67,33 @@ def test_hooks_follow_the_model_calls_device(monkeypatch):
         on_meta = run()
     assert on_meta.device.type == "cpu" and torch.isfinite(on_meta).all()
     torch.testing.assert_close(on_meta, run())
+
+
+def _on_cuda(patcher):
+    """The same tiny model, loaded by ComfyUI onto the first CUDA device (weights offloaded to the CPU)."""
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(patcher.model, load_device=torch.device("cuda", 0),
+                                            offload_device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_sega_runs_on_the_model_calls_cuda_device(name):
+    """On a GPU: ComfyUI samples each family's tiny model on CUDA with two concepts; every prediction
+    the model returned and SEGA's edit stay on that device, and the edit ComfyUI applied equals
+    sega_core recomputed from the recorded predictions (noise space, momentum) on the same device."""
+    from noise_space import plan_of, replay
+
+    family = FAMILIES[name]
+    model = _on_cuda(family.build())
+    concepts = [concept(family.cond(3), warmup=1, threshold=0.8),
+                concept(family.cond(4), warmup=2, reverse=True, scale=3.0, weight=0.5)]
+    m = pack_module("nodes.patch").apply_sega(model, concepts, 0.3, 0.5)
+    out, calls, steps = sample_recorded(m, family.cond(1), family.cond(2), torch.zeros(2, *family.latent), steps=4,
+                                        cfg=family.cfg)
+    assert len(calls) == 4
+    assert all(t.device.type == "cuda" for c in calls for t in [c["x"], c["final"], *c["out"]])
+    edits = replay(calls, steps, plan_of(concepts, 0.3, 0.5), family.cfg, rtol=1e-4, atol=1e-4)
+    assert all(e is not None and e.device.type == "cuda" and e.abs().max() > 0 for e in edits[2:])
+    assert torch.isfinite(out).all() and out.shape == (2, *family.latent)
