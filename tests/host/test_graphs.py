@@ -175,6 +175,26 @@ def test_controlnet_on_the_prompts_reaches_the_concepts(model):
     assert (edited - without).abs().max() > 1e-3  # the ControlNet acts
 
 
+def test_controlnet_on_the_positive_only_reaches_the_concepts(model):
+    """Apply ControlNet (the single-conditioning node) on the positive only: ComfyUI hands its
+    ControlNet to every other cond of the run (control_apply_to_uncond), the negative and the
+    concepts alike, so the concept rows stay in the prompts' model call and the image is the one
+    with the ControlNet on both prompts."""
+    import nodes
+
+    cnet = controlnet(model)
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    pos = node_output(nodes.ControlNetApply().apply_controlnet(POS, cnet, hint, 1.0))
+    counter = RowCounter()
+    edited = sample(apply_sega(counter.attach(model), [concept(C1, warmup=0)]), pos, NEG, steps=4, cfg=CFG)
+    assert counter.rows == [3] * 4  # positive, negative and concept in one call: one ControlNet for all
+    both = nodes.ControlNetApplyAdvanced().apply_controlnet(POS, NEG, cnet, hint, 1.0, 0.0, 1.0)
+    on_both = sample(apply_sega(model, [concept(C1, warmup=0)]), *both, steps=4, cfg=CFG)
+    torch.testing.assert_close(edited, on_both, rtol=1e-4, atol=1e-4)
+    without = sample(apply_sega(model, [concept(C1, warmup=0)]), POS, NEG, steps=4, cfg=CFG)
+    assert (edited - without).abs().max() > 1e-3  # the ControlNet acts
+
+
 def test_lora_hooks_on_the_prompts_reach_the_concepts(model):
     """A LoRA applied through hooks on the prompts' conditioning (Create Hook LoRA / Cond Set Props):
     the concept is evaluated with the same hooked weights. The hook here swaps in another model's
