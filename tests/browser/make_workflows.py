@@ -23,6 +23,7 @@ SDXL = "sd_xl_base_1.0.safetensors"
 NEG = "blurry, lowres, deformed, watermark, text"
 
 X = [40, 460, 880, 1300, 1720]  # columns
+REPLAY_SEEDS = (101, 102, 103, 104)  # 09b-replay-edit: four seeds other than 09a's
 
 
 class G:
@@ -236,7 +237,8 @@ def workflows() -> list[G]:
         "SEGA Save Edit before the sampler records the edit SEGA adds at each step of this run into "
         "output/sega/edit_00001_.safetensors (the number grows with each run). Run this workflow "
         "once, then open 09b-replay-edit: its SEGA Replay Edit adds the recorded edit to four other "
-        "seeds without computing the concept again (press R in the browser to refresh its file list).\n\n"
+        "seeds (four KSamplers) without computing the concept again (press R in the browser to "
+        "refresh its file list).\n\n"
         "The replay run must have the same number of steps (50) and the same latent size (512x512). "
         "Two workflows, because the file must exist before the replay graph can be queued."))
     g.base("a photo portrait of a man, looking at the camera, natural light")
@@ -252,16 +254,18 @@ def workflows() -> list[G]:
     g = G("09b-replay-edit", (
         "SEGA Replay Edit (step 2 of 2): the recorded edit on four other seeds\n\n"
         "Run 09a-save-edit first. SEGA Replay Edit loads output/sega/edit_00001_.safetensors (choose "
-        "the file that run saved) and adds it to every step of this plain KSampler run: a batch of 4 "
-        "(seed 100: four other noises), same 50 steps, same 512x512. No concept is computed here, so each "
+        "the file that run saved) and adds it to every step of the four plain KSamplers here, seeds "
+        "101-104 (09a used seed 21), same 50 steps, same 512x512. No concept is computed here, so each "
         "step costs what plain sampling costs.\n\n"
         "Try: strength 0.5 for half the edit, 0 for the images without it, -1 to push the other way."))
-    g.base("a photo portrait of a man, looking at the camera, natural light", batch=4)
-    g.node("replay", "SEGAReplayEdit", (X[2], 480),
+    g.base("a photo portrait of a man, looking at the camera, natural light")
+    g.node("replay", "SEGAReplayEdit", (X[1], 380),
            {"edit_file": "sega/edit_00001_.safetensors [output]", "strength": 1.0})
     g.link("ckpt", 0, "replay", "model")
-    g.ksampler("sampler", (X[2], 0), ("replay", 0), seed=100)
-    g.save("sampler", (X[3], 0), "sega/replayed")
+    for i, seed in enumerate(REPLAY_SEEDS):
+        y = i * 600
+        g.ksampler(f"sampler{i + 1}", (X[2], y), ("replay", 0), seed=seed)
+        g.save(f"sampler{i + 1}", (X[3], y), f"sega/replayed_seed{seed}", key=f"save{i + 1}")
     out.append(g)
     return out
 

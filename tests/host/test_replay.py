@@ -121,3 +121,54 @@ def test_a_file_that_is_not_a_sega_edit_is_refused(model, folders):
     errors = pack_module("nodes.errors")
     with pytest.raises(errors.SEGAError, match=r"not a SEGA edit file"):
         replay(model, "model.safetensors [output]")
+
+
+def _example(name: str, ckpt: str, steps: int = 3, size: int = 64) -> dict:
+    """A shipped example as the API prompt ComfyUI's frontend makes of it, on the tiny checkpoint
+    with few steps and small latents."""
+    import json
+
+    from comfy_host import PACK_ROOT
+
+    import run_sega
+
+    prompt = run_sega.ui_to_api(json.loads((PACK_ROOT / "workflows" / name).read_text()))
+    for node in prompt.values():
+        ct, inputs = node["class_type"], node["inputs"]
+        if ct == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = ckpt
+        if ct in ("KSampler", "SEGAKSampler"):
+            inputs["steps"] = steps
+        if ct == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = size
+        if ct == "SEGAConcept":
+            inputs["warmup"] = min(inputs["warmup"], 1)
+    return prompt
+
+
+def test_example_workflows_record_on_one_seed_and_replay_on_four_others(ckpt, folders):
+    """09a-save-edit saves an edit file; 09b-replay-edit, pointed at it, passes ComfyUI's validation
+    and replays it on four seeds other than 09a's (what the browser tests also run, here without one)."""
+    import numpy as np
+
+    from comfy_host import run_prompt, saved_images
+
+    record = _example("09a-save-edit.json", ckpt)
+    recorded_seeds = {n["inputs"]["seed"] for n in record.values() if n["class_type"] == "SEGAKSampler"}
+    assert len(saved_images(run_prompt(record))) == 1
+    files = pack_module("nodes.edit_files").list_edit_files()
+    assert files == ["sega/edit_00001_.safetensors [output]"]
+
+    def replayed(strength):
+        prompt = _example("09b-replay-edit.json", ckpt)
+        for n in prompt.values():
+            if n["class_type"] == "SEGAReplayEdit":
+                n["inputs"].update(edit_file=files[0], strength=strength)
+        seeds = [n["inputs"]["seed"] for n in prompt.values() if n["class_type"] == "KSampler"]
+        assert len(seeds) == 4 and len(set(seeds) | recorded_seeds) == 5, (seeds, recorded_seeds)
+        return saved_images(run_prompt(prompt))
+
+    edited, plain = replayed(1.0), replayed(0.0)
+    assert len(edited) == len(plain) == 4
+    for e, p in zip(edited, plain):  # the edit acts on every one of the four seeds
+        assert np.abs(e.astype(np.int16) - p.astype(np.int16)).max() > 0
