@@ -13,12 +13,23 @@ with small sizes and no sync checks, to test the script itself).
 3. Share: a full-size SD1.5 UNet (random weights, float16) samples a 128x128 latent with N = 3
    concepts (5 rows per call); CUDA events around every sega_step call give the SEGA math's share
    of the run's GPU time (the host glue's conversions are not in that share).
+4. End to end: the same full-size UNet samples a 64x64 latent (512 px) for 20 steps with plain CFG
+   and with SEGA Apply (N = 1, 2, 4, warm-up 4, momentum 0.1), runs interleaved, medians compared:
+   time ratio against the row ratio (the work SEGA has to add), as bench/end_to_end.py does on the
+   CPU. Target: time ratio <= 1.05 x row ratio.
+5. The reference end to end: diffusers' SemanticStableDiffusionPipeline with the same UNet
+   architecture (diffusers' UNet2DConditionModel in the SD1.5 configuration, random weights,
+   float16), stand-ins for the tokenizer and text encoder (77 tokens of 768), 64x64 latent, 20
+   steps, DDIM, with and without N = 1, 2, 4 editing prompts (the same SEGA settings): its time
+   ratio beside the pack's from 4. Both add the same rows (momentum on: every concept every step).
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import warnings
+from types import SimpleNamespace
 
 import torch
 
@@ -171,6 +182,92 @@ def sega_share(device, dry_run, steps=10):
              f"{100 * sega / total:.1f}%"]]
 
 
+def end_to_end(device, dry_run):
+    full = not dry_run
+    model = unet(device, full=full, dtype=torch.float16 if full else torch.float32)
+    size, steps, repeats = (64, 20, 5) if full else (8, 4, 1)
+    pos, neg = cond(1), cond(2)
+    models = {"plain CFG": model}
+    for n in (1, 2, 4):
+        models[f"SEGA N={n}"] = _comfy.sega(model, _comfy.concepts([cond(10 + k) for k in range(n)],
+                                                                   [{"warmup": steps // 5}] * n), 0.1)
+    rows = {}
+    for name, m in models.items():
+        counter = _comfy.RowCounter()
+        _comfy.sample(counter.attach(m), pos, neg, steps, size)
+        rows[name] = sum(counter.rows)
+
+    def run(m):
+        _comfy.sample(m, pos, neg, steps, size)
+        if not dry_run:
+            torch.cuda.synchronize()
+
+    times = _common.interleaved({name: (lambda m=m: run(m)) for name, m in models.items()}, repeats, warmup=1)
+    plain = _common.median(times["plain CFG"])
+    table_rows = []
+    for name in models:
+        t = _common.median(times[name])
+        row_ratio, time_ratio = rows[name] / rows["plain CFG"], t / plain
+        passed = name == "plain CFG" or time_ratio <= 1.05 * row_ratio
+        table_rows.append([name, rows[name], f"{row_ratio:.3f}", f"{t * 1e3:.0f}", f"{time_ratio:.3f}",
+                           f"{time_ratio / row_ratio:.3f}", "-" if name == "plain CFG" else _common.verdict(passed)])
+    return table_rows, f"{size}x{size}", steps
+
+
+def reference_end_to_end(device, dry_run):
+    """{N: time ratio} of the reference pipeline with N editing prompts against itself without."""
+    import _reference
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.semantic_stable_diffusion.pipeline_semantic_stable_diffusion import (
+        SemanticStableDiffusionPipeline,
+    )
+
+    full = not dry_run
+    dtype = torch.float16 if full else torch.float32
+    size, steps, repeats = (64, 20, 5) if full else (8, 4, 1)
+    config = {} if full else {"block_out_channels": (32, 64), "layers_per_block": 1,
+                              "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")}
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=size, cross_attention_dim=768, **config).to(device=device, dtype=dtype)
+    table = torch.randn(200, 768, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+
+    class Tokenizer(_reference._Tokenizer):
+        model_max_length = 77
+
+        def __call__(self, texts, **kwargs):
+            ids = super().__call__(texts).input_ids[:, :1]
+            return SimpleNamespace(input_ids=ids.expand(-1, 77).contiguous())
+
+    def text_encoder(input_ids):
+        return (table[input_ids.to(device)],)
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = SemanticStableDiffusionPipeline(
+            vae=None, text_encoder=text_encoder, tokenizer=Tokenizer(), unet=unet,
+            scheduler=DDIMScheduler(num_train_timesteps=1000), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(n):
+        kw = {}
+        if n:
+            kw = dict(editing_prompt=[f"concept{k}" for k in range(n)], edit_guidance_scale=5.0,
+                      edit_warmup_steps=steps // 5, edit_threshold=0.9, edit_momentum_scale=0.1, edit_mom_beta=0.4)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            pipe(prompt="prompt", height=8 * size, width=8 * size, num_inference_steps=steps, guidance_scale=7.5,
+                 output_type="latent", generator=torch.Generator(device).manual_seed(0), **kw)
+        if not dry_run:
+            torch.cuda.synchronize()
+
+    times = _common.interleaved({n: (lambda n=n: run(n)) for n in (0, 1, 2, 4)}, repeats, warmup=1)
+    plain = _common.median(times[0])
+    return {n: _common.median(times[n]) / plain for n in (1, 2, 4)}
+
+
 def main(argv=None) -> int:
     p = _common.parser(__doc__)
     p.add_argument("--dry-run", action="store_true", help="run on the CPU with small sizes (tests the script)")
@@ -185,6 +282,11 @@ def main(argv=None) -> int:
     core = check_core(device, args.dry_run)
     sampler, per_step_free = check_sampler(device, args.dry_run)
     share = sega_share(device, args.dry_run)
+    e2e, e2e_size, e2e_steps = end_to_end(device, args.dry_run)
+    ref = reference_end_to_end(device, args.dry_run)
+    pack_ratio = {int(r[0].split("=")[1]): float(r[4]) for r in e2e if r[0] != "plain CFG"}
+    versus = [[n, f"{(2 + n) / 2:.3f}", f"{ref[n]:.3f}", f"{pack_ratio[n]:.3f}", f"{ref[n] / pack_ratio[n]:.2f}"]
+              for n in (1, 2, 4)]
     body = "\n\n".join([
         _common.table(["sega_step case", "no sync (debug mode 'error')"], core),
         _common.table(["sampling run", "steps", "syncs from the pack", "syncs elsewhere (ComfyUI, torch)",
@@ -192,6 +294,14 @@ def main(argv=None) -> int:
         f"Pack syncs independent of the step count (none per step): **{_common.verdict(per_step_free)}**",
         _common.table(["model", "latent", "N", "steps", "GPU ms per step", "sega_step ms per step",
                        "SEGA math share"], share),
+        f"End to end, {'full-size SD1.5 UNet, float16' if not args.dry_run else 'small UNet (dry run)'}, "
+        f"{e2e_size} latent, {e2e_steps} steps, euler, cfg 7.5:",
+        _common.table(["run", "model rows", "row ratio", "ms per run (median)", "time ratio", "time / row ratio",
+                       "time <= 1.05 x rows"], e2e),
+        "The reference pipeline (diffusers' UNet, same size, dtype, steps and settings) against itself "
+        "without editing prompts, beside the pack's time ratio above:",
+        _common.table(["N", "row ratio (both)", "reference time ratio", "pack time ratio",
+                       "reference / pack"], versus),
     ])
     if args.dry_run:
         body = "DRY RUN on the CPU: the sync checks are not active, sizes are small.\n\n" + body
