@@ -231,10 +231,14 @@ def threshold_edit(d: torch.Tensor, q: float, lead: int = 1) -> torch.Tensor:
 
 
 def _per_concept(values: Sequence[float], like: torch.Tensor):
-    """One value per concept, broadcasting over a (K, B, ...) stack: a Python float when all agree."""
+    """One value per concept, broadcasting over a (K, B, ...) stack: a Python float when all agree.
+
+    Per-concept values are kept in at least float32 (an in-place product with a float16/bfloat16
+    stack still rounds once, as with a Python float), so 5.3 stays 5.3 and not bfloat16's 5.3125."""
     if len(set(values)) == 1:
         return values[0]
-    return _constant(tuple(values), like.dtype, like.device).view(-1, *([1] * (like.dim() - 1)))
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    return _constant(tuple(values), dtype, like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
 def _weighted_sum(weights: Sequence[float], d: torch.Tensor) -> torch.Tensor:

@@ -280,3 +280,20 @@ def test_sega_core_never_mentions_comfy():
             for name in names:
                 assert not name.lower().startswith(("comfy", "folder_paths", "execution", "nodes")), \
                     f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_per_concept_scales_are_not_rounded(dtype):
+    """Different scales per concept in float16/bfloat16: each concept's difference is scaled by the
+    exact scale (one rounding, as a single shared scale gets), not by the scale rounded to the dtype
+    first (5.3 is 5.3125 in bfloat16)."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, 4, 8, 8, generator=g).to(dtype)
+    e = (u.float().unsqueeze(0) + torch.randn(2, 1, 4, 8, 8, generator=g)).to(dtype)
+    plan = Plan.build([Concept(scale=5.3, threshold=0.0, warmup=0), Concept(scale=2.0, threshold=0.0, warmup=0)],
+                      momentum_scale=0.0)
+    edit, _ = sega_step(u, e, plan.rows(0), 0, plan, None)
+    d = e - u.unsqueeze(0)
+    scaled = torch.stack([d[0] * 5.3, d[1] * 2.0])  # a Python float: one rounding
+    assert not torch.equal(scaled[0], d[0] * torch.tensor(5.3, dtype=dtype))  # the rounded scale differs
+    assert torch.equal(edit, torch.tensordot(torch.ones(2, dtype=dtype), scaled, dims=1))  # weights 1, 1
