@@ -1,6 +1,8 @@
 """The SEGA nodes as ComfyUI registers them: names, categories, tooltips, the paper's defaults."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 SEGA_NODES = ["SEGAConcept", "SEGAConceptStack", "SEGAApply", "SEGAGuider", "SEGAKSampler", "SEGASaveEdit",
@@ -83,3 +85,47 @@ def test_concept_threshold_is_validated_before_running(registry):
     assert cls.validate_inputs(threshold=0.9) is True
     message = cls.validate_inputs(threshold=1.0)
     assert isinstance(message, str) and "SEGA Concept" in message and "threshold" in message
+
+
+def _readme_tables() -> dict:
+    """README's "Nodes and inputs": {heading: {input: default cell}} for every table under a heading."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Nodes and inputs\n", 1)[1].split("\n## ", 1)[0]
+    tables, heading = {}, None
+    for line in section.splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        elif line.startswith("| `") and heading is not None:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            names = re.findall(r"`([^`]+)`", cells[0])
+            tables.setdefault(heading, {})[names[0]] = cells[1]
+    return tables
+
+
+def _same_default(cell: str, default) -> bool:
+    cell = cell.strip("`").strip()
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return cell.strip('"') == str(default)
+    try:
+        return float(cell) == float(default)
+    except ValueError:
+        return False
+
+
+def test_readme_lists_every_input_with_its_default(registry):
+    """Each node has a table under a heading that is its display name, one row per input (an Autogrow
+    input by its first slot), with the node's default."""
+    tables = _readme_tables()
+    for node_id in SEGA_NODES:
+        name = registry.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        assert name in tables, f"README has no input table under a heading '{name}'"
+        rows = tables[name]
+        inputs = list(_inputs(registry.NODE_CLASS_MAPPINGS[node_id]))
+        expected = [f"{n}0" if kind == "COMFY_AUTOGROW_V3" else n for n, kind, _ in inputs]
+        assert sorted(rows) == sorted(expected), f"{name}: README rows {sorted(rows)}, inputs {sorted(expected)}"
+        for (_, _, options), row in zip(inputs, expected):
+            if options.get("default") is not None:
+                assert _same_default(rows[row], options["default"]), \
+                    f"{name}.{row}: README says {rows[row]!r}, the node's default is {options['default']!r}"
