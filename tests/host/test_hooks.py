@@ -56,6 +56,30 @@ def test_skipping_rows_gives_the_same_image(model, prompts, monkeypatch):
     assert (full - plain).abs().max() > 100 * (full - skipped).abs().max()
 
 
+def test_settings_are_resolved_once_not_per_step(model, prompts, monkeypatch):
+    """The concepts' settings become one Plan when the node runs; sampling never re-reads them."""
+    pos, neg, c1, c2 = prompts
+    concepts = pack_module("sega_core.concepts")
+    patch = pack_module("nodes.patch")
+    m = apply_sega(model, [concept(c1, warmup=1), concept(c2, warmup=0, cooldown=4, reverse=True)])
+    resolved, plans = [], []
+    monkeypatch.setattr(concepts.Plan, "build", classmethod(lambda cls, *a, **k: resolved.append("Plan.build")))
+    monkeypatch.setattr(concepts.Concept, "validate", lambda self, *a, **k: resolved.append("Concept.validate"))
+    real_step = patch.sega_step
+
+    def spy(uncond, preds, rows, step, plan, *args, **kwargs):
+        plans.append(plan)
+        return real_step(uncond, preds, rows, step, plan, *args, **kwargs)
+
+    monkeypatch.setattr(patch, "sega_step", spy)
+    for _ in range(2):  # two runs of the same patched model
+        sample(m, pos, neg, steps=STEPS)
+    assert resolved == []
+    assert len(plans) == 2 * STEPS
+    assert all(p is plans[0] for p in plans)  # one Plan object, every step of every run
+    assert plans[0].signed_scale == (5.0, -5.0) and plans[0].cooldown[1] == 4
+
+
 def test_edit_is_sega_core_in_noise_space(model, prompts):
     """Replays the recorded predictions through sega_core: same edit, with momentum across steps."""
     pos, neg, c1, c2 = prompts
