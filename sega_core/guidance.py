@@ -34,13 +34,28 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
+@functools.lru_cache(maxsize=1)
+def _rank_in_float32() -> bool:
+    """Whether this torch's quantile forms the rank q * (n - 1) in float32 (torch 2.11 and older
+    releases do) rather than in double (newer ones): q = 1/3 over 7 values is rank 2 exactly in
+    float32 and 2.0000000596 in double, which reaches into the next value."""
+    probe = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], device="cpu")
+    return float(torch.quantile(probe, 1 / 3)) == 0.0
+
+
 @functools.lru_cache(maxsize=256)
 def _rank(q: float, n: int) -> Tuple[int, int, float]:
     """Indices and weight of the linear-interpolation quantile, rounded as torch.quantile rounds them.
 
-    torch.quantile takes q in the input's dtype (float32), forms q * (n - 1) in double and
-    interpolates with a float32 weight.
+    torch.quantile takes q in the input's dtype (float32) and forms q * (n - 1) either in float32
+    (then the weight rank - lo is exact) or in double (then the weight is rounded to float32),
+    depending on the torch release; the thresholds equal the running torch's bit for bit. Releases
+    that use float32 refuse more than 2**24 values, so longer rows take the double rank.
     """
+    if n <= 2**24 and _rank_in_float32():
+        rank = _f32(_f32(q) * _f32(n - 1))  # the exact product, rounded once to float32
+        lo = math.floor(rank)
+        return lo, math.ceil(rank), rank - lo
     rank = _f32(q) * (n - 1)
     lo = math.floor(rank)
     hi = math.ceil(rank)
@@ -167,7 +182,9 @@ def _quantile(a: torch.Tensor, q: float, nonneg: bool) -> torch.Tensor:
         has_nan = torch.isnan(flat.sum(-1)) if nonneg else torch.isnan(flat).any(-1)
     else:
         below, above, has_nan = stats
-    t = torch.lerp(below, above, w)  # also when lo == hi: torch.quantile turns an infinite rank into NaN
+    # a weight tensor, as torch.quantile passes (the scalar-weight kernel may round differently);
+    # also when lo == hi: torch.quantile turns an infinite rank into NaN
+    t = torch.lerp(below, above, torch.full_like(below, w))
     return t.masked_fill(has_nan, math.nan).view(a.shape[:-1])
 
 

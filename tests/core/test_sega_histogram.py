@@ -161,3 +161,16 @@ def test_default_dispatch_uses_histogram_for_large_rows(spy):
     used = spy.used
     threshold_edit(torch.randn(2, 2, 4, 8, 8, generator=g), 0.9)
     assert spy.used == used  # small rows: kthvalue
+
+
+@pytest.mark.parametrize("path", ["histogram", "kthvalue"])
+def test_ranks_near_an_integer_round_as_torch_quantile(monkeypatch, path):
+    """q * (n - 1) close to an integer (1/3 of 6 is 2 in float32 and 2.0000000596 in double; 0.9 of 63
+    rounds differently in float32 and double): the selection uses the running torch's rounding, so the
+    thresholds equal torch.quantile's bit for bit on either kind of release."""
+    monkeypatch.setattr(guidance, "_HISTOGRAM_MIN", 1 if path == "histogram" else 10**9)
+    monkeypatch.setattr(guidance, "_HISTOGRAM_MIN_BLOCK", 1)
+    g = torch.Generator().manual_seed(0)
+    for n, q in [(7, 1 / 3), (64, 0.9), (100, 0.95), (1000, 0.99), (4096, 2 / 3), (5003, 0.1), (31, 0.7)]:
+        a = torch.rand(3, n, generator=g) * torch.tensor([[1.0], [0.05], [1e3]])
+        assert_same(guidance._quantile(a, q, nonneg=True), torch.quantile(a, q, dim=-1))
