@@ -36,8 +36,8 @@ def _f32(x: float) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _rank_in_float32() -> bool:
-    """Whether this torch's quantile forms the rank q * (n - 1) in float32 (torch 2.11 and older
-    releases do) rather than in double (newer ones): q = 1/3 over 7 values is rank 2 exactly in
+    """Whether this torch's quantile forms the rank q * (n - 1) in float32 (torch 2.13 and older
+    releases do) rather than in double (2.14 does): q = 1/3 over 7 values is rank 2 exactly in
     float32 and 2.0000000596 in double, which reaches into the next value."""
     probe = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], device="cpu")
     return float(torch.quantile(probe, 1 / 3)) == 0.0
