@@ -182,9 +182,7 @@ def _quantile(a: torch.Tensor, q: float, nonneg: bool) -> torch.Tensor:
         has_nan = torch.isnan(flat.sum(-1)) if nonneg else torch.isnan(flat).any(-1)
     else:
         below, above, has_nan = stats
-    # a weight tensor, as torch.quantile passes (the scalar-weight kernel may round differently);
-    # also when lo == hi: torch.quantile turns an infinite rank into NaN
-    t = torch.lerp(below, above, torch.full_like(below, w))
+    t = torch.lerp(below, above, w)  # also when lo == hi: torch.quantile turns an infinite rank into NaN
     return t.masked_fill(has_nan, math.nan).view(a.shape[:-1])
 
 
