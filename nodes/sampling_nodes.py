@@ -152,7 +152,7 @@ class SEGAKSampler(io.ComfyNode):
                 denoise, momentum_scale, momentum_beta, concepts=None) -> io.NodeOutput:
         specs = _chain(concepts)
         # A NaN in the input latent would give a NaN image even with no concept acting (the model
-        # is then left unpatched): refuse it here, and check the result whatever SEGA did.
+        # is then left unpatched): refuse it here, and check the result of a run SEGA did not take part in.
         if not bool(torch.isfinite(latent_image["samples"]).all()):
             raise SEGAError("SEGA KSampler: latent_image holds NaN or inf values; check the node that made it "
                             "(a loaded .latent file, a VAE Encode of a broken image).")
@@ -164,7 +164,8 @@ class SEGAKSampler(io.ComfyNode):
                              preview=preview_target(cls.hidden), masks_out=runs)
         out = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                           latent_image, denoise=denoise)
-        if not bool(torch.isfinite(out[0]["samples"]).all()):
+        # a run SEGA took part in has checked its result already (and named the step and the cause)
+        if not runs and not bool(torch.isfinite(out[0]["samples"]).all()):
             raise SEGAError("SEGA KSampler: sampling gave NaN or inf. Check the model (fp16 overflow?) and "
                             "lower cfg or the concepts' edit_scale.")
         return io.NodeOutput(out[0], _concept_masks(model, specs, latent_image["samples"], runs))
@@ -175,7 +176,7 @@ def _concept_masks(model, specs: list, latent, runs):
     ratio = getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", 8)
     size = (latent.shape[-2] * ratio, latent.shape[-1] * ratio)
     batch = latent.shape[0]
-    watch = next((w for w in runs or () if isinstance(w, MaskWatch)), None)
+    watch = next((w for w in runs if isinstance(w, MaskWatch)), None)
     if watch is None:  # no concepts, or settings that never edit
         return torch.zeros(max(1, len(specs)) * batch, *size)
     return watch.result(batch, size)
