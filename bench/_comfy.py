@@ -103,3 +103,31 @@ class RowCounter:
         m = model.clone()
         m.set_model_unet_function_wrapper(self)
         return m
+
+
+def against_plain(models: dict, positive, negative, steps: int, size: int, repeats: int, sync=None) -> list:
+    """SEGA runs against plain CFG (`models` maps names to models, "plain CFG" first): an untimed run
+    of each counts its model rows, then timed runs of all are interleaved. Returns, per name,
+    (name, rows, row ratio, median seconds, time ratio, time ratio <= 1.05 x row ratio).
+    `sync`, if given, is called after each timed run (a GPU's queue must be drained before timing)."""
+    import _common
+
+    rows = {}
+    for name, m in models.items():
+        counter = RowCounter()
+        sample(counter.attach(m), positive, negative, steps, size)
+        rows[name] = sum(counter.rows)
+
+    def run(m):
+        sample(m, positive, negative, steps, size)
+        if sync is not None:
+            sync()
+
+    times = _common.interleaved({name: (lambda m=m: run(m)) for name, m in models.items()}, repeats, warmup=1)
+    plain_rows, plain_t = rows["plain CFG"], _common.median(times["plain CFG"])
+    out = []
+    for name in models:
+        t = _common.median(times[name])
+        row_ratio, time_ratio = rows[name] / plain_rows, t / plain_t
+        out.append((name, rows[name], row_ratio, t, time_ratio, time_ratio <= 1.05 * row_ratio))
+    return out

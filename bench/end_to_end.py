@@ -38,26 +38,13 @@ def main(argv=None) -> int:
     for n in counts:
         models[f"SEGA N={n}"] = _comfy.sega(model, _comfy.concepts(conds[:n], [settings] * n), 0.1)
 
-    rows = {}
-    for name, m in models.items():
-        counter = _comfy.RowCounter()
-        _comfy.sample(counter.attach(m), pos, neg, steps, size)
-        rows[name] = sum(counter.rows)
-    runs = {name: (lambda m=m: _comfy.sample(m, pos, neg, steps, size)) for name, m in models.items()}
-    times = _common.interleaved(runs, repeats, warmup=1)
-    plain_t = _common.median(times["plain CFG"])
-
     table_rows = []
-    for name in models:
-        t = _common.median(times[name])
-        row_ratio = rows[name] / rows["plain CFG"]
-        time_ratio = t / plain_t
+    for name, rows, row_ratio, t, time_ratio, passed in _comfy.against_plain(models, pos, neg, steps, size, repeats):
         if name == "plain CFG":
-            table_rows.append([name, rows[name], "1.000", f"{t:.2f}", "1.000", "-", "-"])
+            table_rows.append([name, rows, "1.000", f"{t:.2f}", "1.000", "-", "-"])
             continue
-        limit = 1.05 * row_ratio
-        table_rows.append([name, rows[name], f"{row_ratio:.3f}", f"{t:.2f}", f"{time_ratio:.3f}",
-                           f"{time_ratio / row_ratio:.3f}", _common.verdict(time_ratio <= limit)])
+        table_rows.append([name, rows, f"{row_ratio:.3f}", f"{t:.2f}", f"{time_ratio:.3f}",
+                           f"{time_ratio / row_ratio:.3f}", _common.verdict(passed)])
     body = _common.table(["run", "model rows", "row ratio", "median s/run", "time ratio",
                           "time ratio / row ratio (target <= 1.05)", "result"], table_rows)
     notes = (f"Latent {size}x{size}, {steps} steps, euler, cfg 7.5, batch 1; {repeats} interleaved timed runs "

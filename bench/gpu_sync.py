@@ -191,25 +191,10 @@ def end_to_end(device, dry_run):
     for n in (1, 2, 4):
         models[f"SEGA N={n}"] = _comfy.sega(model, _comfy.concepts([cond(10 + k) for k in range(n)],
                                                                    [{"warmup": steps // 5}] * n), 0.1)
-    rows = {}
-    for name, m in models.items():
-        counter = _comfy.RowCounter()
-        _comfy.sample(counter.attach(m), pos, neg, steps, size)
-        rows[name] = sum(counter.rows)
-
-    def run(m):
-        _comfy.sample(m, pos, neg, steps, size)
-        if not dry_run:
-            torch.cuda.synchronize()
-
-    times = _common.interleaved({name: (lambda m=m: run(m)) for name, m in models.items()}, repeats, warmup=1)
-    plain = _common.median(times["plain CFG"])
     table_rows = []
-    for name in models:
-        t = _common.median(times[name])
-        row_ratio, time_ratio = rows[name] / rows["plain CFG"], t / plain
-        passed = name == "plain CFG" or time_ratio <= 1.05 * row_ratio
-        table_rows.append([name, rows[name], f"{row_ratio:.3f}", f"{t * 1e3:.0f}", f"{time_ratio:.3f}",
+    for name, rows, row_ratio, t, time_ratio, passed in _comfy.against_plain(
+            models, pos, neg, steps, size, repeats, sync=None if dry_run else torch.cuda.synchronize):
+        table_rows.append([name, rows, f"{row_ratio:.3f}", f"{t * 1e3:.0f}", f"{time_ratio:.3f}",
                            f"{time_ratio / row_ratio:.3f}", "-" if name == "plain CFG" else _common.verdict(passed)])
     return table_rows, f"{size}x{size}", steps
 
