@@ -1,0 +1,14 @@
+"""The one harness that run_sega.py, the tests and the benchmarks share (never imported by ComfyUI).
+
+  harness.host       finding ComfyUI (one order), preparing it for import, loading its nodes;
+                     PACK_ROOT, CACHE_DIR
+  harness.prompts    running an API-format prompt with ComfyUI's own executor
+  harness.tiny       tiny random-weight models: the SD1.5 checkpoint file and in-memory models
+  harness.pack       this pack imported as a package, node outputs unwrapped, RowCounter, the
+                     SEGA Concept node's inputs (`concept_inputs`)
+  harness.reference  stand-ins that run diffusers' SEGA pipeline offline, and a torch port of its
+                     step (development only: not in the Registry zip)
+
+Nothing here imports ComfyUI at module level: import `harness.host` and call `prepare_host()`
+before anything from ComfyUI.
+"""
