@@ -6,7 +6,7 @@ import re
 import pytest
 
 SEGA_NODES = ["SEGAConcept", "SEGAConceptStack", "SEGAApply", "SEGAGuider", "SEGAKSampler", "SEGASaveEdit",
-              "SEGAReplayEdit"]
+              "SEGAReplayEdit", "SEGAInvertPhoto", "SEGAPhotoEdit", "SEGAPhotoGuider", "SEGAInversionSampler"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,375 @@
+"""Photo edits (LEDITS++) inside ComfyUI: SEGA Invert Photo, SEGA Photo Edit, SEGA Photo Guider and
+SEGA Inversion Sampler, run through ComfyUI's executor on the tiny SD1.5 checkpoint and called as nodes
+on the tiny model of every family (families.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_host import PromptValidationError, run_prompt
+from families import FAMILIES, one_thread  # noqa: F401  (fixture)
+from sega_graphs import Queue, latents, save
+from sega_testlib import RowCounter, node_output, pack_module
+
+import comfy.model_management
+import comfy.samplers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS = 4
+_MODELS = {}
+
+
+def model_of(name):
+    if name not in _MODELS:
+        _MODELS[name] = FAMILIES[name].build()
+    return _MODELS[name]
+
+
+def photo(name, seed=0, batch=1):
+    """A photo's latent for family `name` (as VAE Encode gives it, before process_latent_in)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(batch, *FAMILIES[name].latent, generator=gen)}
+
+
+def mod():
+    return pack_module("nodes.photo_edit")
+
+
+def errors():
+    return pack_module("nodes.errors")
+
+
+def concept_node(conditioning, mask=None, concepts=None, **settings):
+    cls = pack_module("nodes.concept_nodes").SEGAConcept
+    inputs = dict(edit_scale=5.0, direction="add", threshold=0.5, warmup=0, cooldown=10000, weight=1.0)
+    inputs.update(settings)
+    return node_output(cls.execute(conditioning=conditioning, mask=mask, concepts=concepts, **inputs))
+
+
+def invert(name, latent=None, steps=STEPS, skip=0.15, seed=3, source=None, source_guidance=3.5, model=None):
+    family = FAMILIES[name]
+    return node_output(mod().SEGAInvertPhoto.execute(
+        model=model or model_of(name), latent=photo(name) if latent is None else latent, uncond=family.cond(1),
+        steps=steps, skip=skip, seed=seed, source=source, source_guidance=source_guidance))
+
+
+def edit(name, inversion, concepts=None, combination="ledits", reconstruction="exact", model=None):
+    return node_output(mod().SEGAPhotoEdit.execute(model=model or model_of(name), inversion=inversion,
+                                                   concepts=concepts, combination=combination,
+                                                   reconstruction=reconstruction))["samples"]
+
+
+# -- reconstruction, every family ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_reconstruction_is_exact(name):
+    """No concept: the photo's latent comes back (float32, max abs error <= 1e-4); every concept at
+    edit_scale 0 gives the same; "as diffusers" ends on the model's x0-prediction instead."""
+    lat = photo(name)
+    inv = invert(name, lat)
+    assert inv.steps == STEPS and inv.zs.shape == (STEPS, *lat["samples"].shape)
+    assert inv.family == type(model_of(name).model.model_config).__name__
+    out = edit(name, inv)
+    err = (out - lat["samples"]).abs().max().item()
+    print(f"{name}: exact reconstruction max abs error {err:.2e}")
+    assert err <= 1e-4
+    off = concept_node(FAMILIES[name].cond(5), edit_scale=0.0)
+    assert torch.equal(edit(name, inv, off), out)
+    diffusers_like = edit(name, inv, reconstruction="as diffusers")
+    err_d = (diffusers_like - lat["samples"]).abs().max().item()
+    print(f"{name}: 'as diffusers' reconstruction max abs error {err_d:.2e}")
+    assert err_d > err
+
+
+def test_flow_families_use_the_flow_schedule_and_rule():
+    """Flow models: ComfyUI's simple schedule over int(N (1 + skip)) steps, the last N + 1 (skip drops the
+    noisiest part), with the Euler-ancestral RF rule; SDXL zeroes LEDITS++ SDXL's last 3 noise maps."""
+    import comfy.samplers
+
+    inv = invert("sd3", steps=10)
+    assert inv.rule == "euler_ancestral_rf" and invert("sd15").rule == "dpmpp_2m_sde"
+    full = comfy.samplers.calculate_sigmas(model_of("sd3").get_model_object("model_sampling"), "simple", 11)
+    torch.testing.assert_close(inv.sigmas, full[1:].float())
+    assert float(inv.sigmas[0]) < 1.0 and float(inv.sigmas[-1]) == 0.0
+    assert invert("sdxl").zero_noise_steps == 3 and invert("sd15").zero_noise_steps == 0
+
+
+def test_sigmas_are_ledits_timesteps_on_the_models_schedule():
+    ledits = pack_module("sega_core.ledits")
+    ms = model_of("sd15").get_model_object("model_sampling")
+    sig = mod().inversion_sigmas(model_of("sd15"), 30, 0.15)
+    ts = ledits.ledits_timesteps(30, 0.15)
+    assert ts[0] == 841 and ts[-1] == 29 and len(sig) == 31 and float(sig[-1]) == 0.0
+    torch.testing.assert_close(sig[:-1], ms.sigma(torch.tensor(ts, dtype=torch.float32)))
+
+
+# -- the edit ---------------------------------------------------------------------------------------
+
+def left_half_pixels():
+    m = torch.zeros(64, 64)
+    m[..., :32] = 1.0
+    return m
+
+
+class EditRecorder:
+    """A post-cfg function: the edit the photo guider applied at each evaluation (uncond - final)."""
+
+    def __init__(self):
+        self.edits = []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args):
+        self.edits.append(args["uncond_denoised"] - args["denoised"])
+        return args["denoised"]
+
+    def attach(self, model):
+        m = model.clone()
+        m.set_model_sampler_post_cfg_function(self)
+        return m
+
+
+@pytest.mark.parametrize("combination", ["ledits", "sega"])
+def test_edit_acts_only_inside_the_mask(combination):
+    inv = invert("sd15")
+    rec = EditRecorder()
+    concepts = concept_node(FAMILIES["sd15"].cond(5), mask=left_half_pixels(), edit_scale=10.0)
+    out = edit("sd15", inv, concepts, combination, model=rec.attach(model_of("sd15")))
+    assert len(rec.edits) == STEPS
+    for e in rec.edits:
+        assert e[..., 4:].abs().max() == 0 and e[..., :4].abs().max() > 0
+    photo_latent = photo("sd15")["samples"]
+    inside = (out - photo_latent)[..., :4].abs().max()
+    outside = (out - photo_latent)[..., 4:].abs().max()
+    assert inside > 1e-2 and inside > 2 * outside
+
+
+def test_remove_and_add_go_opposite_ways():
+    inv = invert("sd15")
+    c = FAMILIES["sd15"].cond(5)
+    add = edit("sd15", inv, concept_node(c, threshold=0.0))
+    remove = edit("sd15", inv, concept_node(c, threshold=0.0, direction="remove"))
+    base = photo("sd15")["samples"]
+    assert not torch.equal(add, base) and not torch.equal(remove, base)
+    assert ((add - base) * (remove - base)).sum() < 0
+
+
+def test_rows_per_step():
+    """1 row per inverted step (2 with a source prompt); per edit step 1 + the concepts acting."""
+    name = "sd15"
+    counter = RowCounter()
+    m = counter.attach(model_of(name))
+    inv = invert(name, model=m)
+    assert counter.rows == [1] * STEPS
+    counter.rows.clear()
+    inv_src = invert(name, model=m, source=FAMILIES[name].cond(6))
+    assert counter.rows == [2] * STEPS
+    counter.rows.clear()
+    concepts = concept_node(FAMILIES[name].cond(5), concepts=concept_node(FAMILIES[name].cond(4), warmup=2))
+    edit(name, inv, concepts, model=m)
+    assert counter.rows == [2, 2, 3, 3]
+    counter.rows.clear()
+    edit(name, inv_src, concepts, model=m)
+    assert counter.rows == [3, 3, 4, 4]
+
+
+def test_source_prompt_guides_towards_it_and_still_reconstructs():
+    """CFG towards the source prompt with the correct sign (not SD LEDITS++'s swapped roles), and the
+    edit uses the same prediction, so the photo is still reconstructed exactly."""
+    name = "sd15"
+    lat = photo(name)
+    inv = invert(name, lat, source=FAMILIES[name].cond(6), source_guidance=3.5)
+    assert inv.source is not None and inv.source_guidance == 3.5
+    assert not torch.equal(inv.zs, invert(name, lat).zs)
+    assert (edit(name, inv) - lat["samples"]).abs().max() <= 1e-4
+
+
+def test_replay_sampler_equals_sega_core_replay():
+    """The SAMPLER in ComfyUI computes sega_core.ledits.replay on the same predictions."""
+    ledits = pack_module("sega_core.ledits")
+    name = "sd15"
+    inv = invert(name)
+    record = []
+    concepts = concept_node(FAMILIES[name].cond(5))
+    guider = mod().photo_guider(model_of(name), inv, concepts, "ledits", "test")
+    latent = torch.zeros(inv.latent_shape)
+    out = guider.sample(torch.zeros_like(latent), latent, mod().replay_sampler(inv, "exact", record=record),
+                        inv.sigmas.clone(), disable_pbar=True, seed=0)
+    preds = iter([d for _, _, d in record])
+    seen = []
+
+    def denoise(x, sigma):
+        seen.append(x.clone())
+        return next(preds)
+
+    x = ledits.replay(inv.start, inv.sigmas, inv.zs, denoise, rule=inv.rule, correction=inv.correction)
+    for (x_in, _, _), x_core in zip(record, seen):
+        torch.testing.assert_close(x_in, x_core, rtol=0, atol=1e-6)
+    fmt = model_of(name).get_model_object("latent_format")
+    torch.testing.assert_close(out, fmt.process_out(x), rtol=0, atol=1e-6)
+
+
+def test_inversion_sampler_with_sampler_custom_advanced_and_other_guiders():
+    """SEGA Inversion Sampler's SAMPLER and SIGMAS replay the photo under a plain CFGGuider at cfg 1 on the
+    uncond (the photo comes back) and compose with SEGA Guider (the concepts change it)."""
+    import comfy_extras.nodes_custom_sampler as custom
+
+    name = "sd15"
+    family = FAMILIES[name]
+    lat = photo(name)
+    inv = invert(name, lat)
+    sampler, sigmas = mod().SEGAInversionSampler.execute(inversion=inv, reconstruction="exact").args
+    guider = comfy.samplers.CFGGuider(model_of(name))
+    guider.set_conds(family.cond(1), family.cond(1))
+    guider.set_cfg(1.0)
+    noise = node_output(custom.DisableNoise.execute())
+    out = node_output(custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, lat))["samples"]
+    assert (out - lat["samples"]).abs().max() <= 1e-4
+    sega_guider = node_output(pack_module("nodes.sampling_nodes").SEGAGuider.execute(
+        model=model_of(name), positive=family.cond(1), negative=family.cond(1), cfg=1.0, momentum_scale=0.0,
+        momentum_beta=0.4, concepts=concept_node(family.cond(5), edit_scale=10.0)))
+    edited = node_output(custom.SamplerCustomAdvanced.execute(noise, sega_guider, sampler, sigmas, lat))["samples"]
+    assert (edited - lat["samples"]).abs().max() > 1e-2
+    photo_guider = node_output(mod().SEGAPhotoGuider.execute(model=model_of(name), inversion=inv,
+                                                             combination="ledits", concepts=None))
+    again = node_output(custom.SamplerCustomAdvanced.execute(noise, photo_guider, sampler, sigmas, lat))["samples"]
+    assert torch.equal(again, edit(name, inv))
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+def test_inversion_of_another_family_is_refused():
+    inv = invert("sd15")
+    with pytest.raises(errors().SEGAError, match=r"SEGA Photo Edit: the inversion was made with a SD15 model but "
+                                                 r"the model input is SDXL"):
+        edit("sdxl", inv)
+
+
+def test_another_latent_size_or_step_count_is_refused():
+    import comfy_extras.nodes_custom_sampler as custom
+
+    name = "sd15"
+    family = FAMILIES[name]
+    inv = invert(name)
+    sampler, sigmas = mod().SEGAInversionSampler.execute(inversion=inv, reconstruction="exact").args
+    guider = comfy.samplers.CFGGuider(model_of(name))
+    guider.set_conds(family.cond(1), family.cond(1))
+    noise = node_output(custom.DisableNoise.execute())
+    other = {"samples": torch.zeros(1, 4, 16, 8)}
+    with pytest.raises(errors().SEGAError, match=r"SEGA Inversion Sampler: the latent image is 1x4x16x8 but the "
+                                                 r"inversion was made from a 1x4x8x8 latent"):
+        custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, other)
+    sigmas_10 = comfy.samplers.calculate_sigmas(model_of(name).get_model_object("model_sampling"), "normal", 10)
+    with pytest.raises(errors().SEGAError, match=r"SEGA Inversion Sampler: the sigmas have 10 steps but the "
+                                                 r"inversion has 4"):
+        custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas_10, photo(name))
+
+
+def test_bad_latents_and_skip_are_refused():
+    name = "sd15"
+    nan = photo(name)
+    nan["samples"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(errors().SEGAError, match=r"SEGA Invert Photo: the latent holds NaN"):
+        invert(name, nan)
+    with pytest.raises(errors().SEGAError, match=r"SEGA Invert Photo: the latent is only 1x1"):
+        invert(name, {"samples": torch.zeros(1, 4, 1, 1)})
+    for skip in (1.0, -0.1):
+        with pytest.raises(errors().SEGAError, match=r"SEGA Invert Photo: skip must be in \[0, 1\)"):
+            invert(name, skip=skip)
+        assert "skip must be in [0, 1)" in mod().SEGAInvertPhoto.validate_inputs(skip=skip)
+
+
+def test_concept_for_another_model_is_refused():
+    inv = invert("sd15")
+    wide = [[torch.randn(1, 8, 768), {}]]
+    with pytest.raises(errors().SEGAError, match=r"SEGA Photo Edit: SEGA Concept 'wide': its conditioning is 768 "
+                                                 r"wide but the uncond is 32"):
+        edit("sd15", inv, concept_node(wide, label="wide"))
+
+
+def test_interrupted_inversion_runs_fresh_and_equal():
+    name = "sd15"
+    reference = invert(name)
+
+    class Interrupt:
+        calls = 0
+
+        def __deepcopy__(self, memo):
+            return self
+
+        def __call__(self, apply_model, args):
+            self.calls += 1
+            if self.calls == 2:
+                comfy.model_management.interrupt_current_processing(True)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m = model_of(name).clone()
+    m.set_model_unet_function_wrapper(Interrupt())
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        invert(name, model=m)
+    again = invert(name, model=m)
+    assert torch.equal(again.zs, reference.zs) and torch.equal(again.start, reference.start)
+    assert torch.equal(again.correction, reference.correction)
+
+
+# -- through ComfyUI's executor, tiny SD1.5 checkpoint -----------------------------------------------
+
+def photo_graph(ckpt: str, concept_scale: float | None = 8.0, steps: int = STEPS, skip: float = 0.15) -> dict:
+    g = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "empty": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "image": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                         "color": 0x3366AA}},
+        "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["image", 0], "vae": ["ckpt", 2]}},
+        "invert": {"class_type": "SEGAInvertPhoto",
+                   "inputs": {"model": ["ckpt", 0], "latent": ["encode", 0], "uncond": ["empty", 0], "steps": steps,
+                              "skip": skip, "seed": 5}},
+        "edit": {"class_type": "SEGAPhotoEdit",
+                 "inputs": {"model": ["ckpt", 0], "inversion": ["invert", 0], "combination": "ledits",
+                            "reconstruction": "exact"}},
+    }
+    if concept_scale is not None:
+        g["ctext"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "glasses", "clip": ["ckpt", 1]}}
+        g["mask"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}}
+        g["left"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}}
+        g["masked"] = {"class_type": "MaskComposite", "inputs": {"destination": ["mask", 0], "source": ["left", 0],
+                                                                "x": 0, "y": 0, "operation": "add"}}
+        g["concept"] = {"class_type": "SEGAConcept",
+                        "inputs": {"conditioning": ["ctext", 0], "edit_scale": concept_scale, "direction": "add",
+                                   "threshold": 0.5, "warmup": 0, "cooldown": 10000, "weight": 1.0,
+                                   "label": "glasses", "mask": ["masked", 0]}}
+        g["edit"]["inputs"]["concepts"] = ["concept", 0]
+    save(g, "photo", ["encode", 0])
+    return save(g, "out", ["edit", 0])
+
+
+def test_workflow_reconstructs_and_edits_the_photo(ckpt):
+    rec = latents(run_prompt(photo_graph(ckpt, None)))
+    err = (rec["out"] - rec["photo"]).abs().max().item()
+    print(f"sd15 checkpoint through the executor: exact reconstruction max abs error {err:.2e}")
+    assert err <= 1e-4
+    first = latents(run_prompt(photo_graph(ckpt)))
+    again = latents(run_prompt(photo_graph(ckpt)))
+    assert torch.equal(first["out"], again["out"])  # bit-identical reruns
+    diff = (first["out"] - first["photo"]).abs()
+    assert diff[..., :4].max() > 1e-3 and diff[..., :4].max() > 2 * diff[..., 4:].max()
+
+
+def test_inversion_is_served_from_the_cache_for_later_edits(ckpt):
+    queue = Queue()
+    first = queue.run(photo_graph(ckpt, 8.0))
+    assert "invert" in queue.executed and "edit" in queue.executed
+    second = queue.run(photo_graph(ckpt, 4.0))
+    assert "invert" not in queue.executed and "edit" in queue.executed
+    assert not torch.equal(first["out"], second["out"])
+    third = queue.run(photo_graph(ckpt, None))
+    assert "invert" not in queue.executed
+    assert (third["out"] - third["photo"]).abs().max() <= 1e-4
+
+
+def test_workflow_refuses_skip_outside_range(ckpt):
+    g = photo_graph(ckpt, None, skip=1.0)
+    del g["photo"]  # the only output is then the edit, which depends on the inversion
+    with pytest.raises(PromptValidationError, match=r"SEGA Invert Photo: skip must be in \[0, 1\)"):
+        run_prompt(g)
