@@ -8,343 +8,23 @@ From the ComfyUI folder, with ComfyUI's Python:
 It loads ComfyUI's nodes in this process, runs a shipped example workflow (--workflow: any saved
 workflow with SEGA Concepts and one Save Image) once without SEGA (every concept at edit_scale 0,
 which samples exactly as without SEGA) and once with it, on the same seed, and writes both images
-side by side into ComfyUI's output folder.
+side by side into ComfyUI's output folder. Finding ComfyUI, running the prompt and the tiny model
+are harness/'s, shared with the tests and the benchmarks.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
-import os
 import sys
-import uuid
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parent
-CACHE_DIR = Path(os.environ.get("SEGA_TEST_CACHE") or Path.home() / ".cache" / "comfyui-sega")
-TINY_NAME = "sega-tiny-sd15.safetensors"
-TINY_FORMAT = "1"  # bump when build_tiny_sd15 changes: cached files of another format are rebuilt
-TINY_SEED = 20230131
+from harness.host import HostError, find_comfyui, init_nodes, prepare_host
+from harness.prompts import execute_prompt
+from harness.tiny import TINY_NAME, tiny_checkpoint  # noqa: F401  (TINY_NAME: the tests name the checkpoint)
+from harness.workflow import DEFAULT_WORKFLOW, WorkflowError, nodes_of, side_by_side, source_of, ui_to_api
 
 log = logging.getLogger("run_sega")
-
-
-# -- finding and starting ComfyUI ------------------------------------------------------------------
-
-def is_comfyui(path: Path) -> bool:
-    return (path / "comfy").is_dir() and (path / "nodes.py").is_file()
-
-
-def find_comfyui(explicit: str | None = None) -> Path | None:
-    """--comfyui, else $COMFYUI_PATH, else the folder above custom_nodes/, else the current folder,
-    else $HOME/ComfyUI."""
-    candidates = [explicit, os.environ.get("COMFYUI_PATH")]
-    if PACK_ROOT.parent.name == "custom_nodes":
-        candidates.append(str(PACK_ROOT.parent.parent))
-    candidates += [os.getcwd(), str(Path.home() / "ComfyUI")]
-    for c in candidates:
-        if c and is_comfyui(Path(c).expanduser()):
-            return Path(c).expanduser().resolve()
-    return None
-
-
-def use_comfyui(root: Path) -> None:
-    """Put ComfyUI first on sys.path and select the CPU when torch has no GPU (before comfy imports)."""
-    if str(root) not in sys.path[:1]:
-        sys.path.insert(0, str(root))
-    if "utils" not in sys.modules and (root / "utils" / "__init__.py").is_file():
-        import utils  # noqa: F401  (ComfyUI's utils/ package, bound first as main.py does)
-    import torch
-
-    if not torch.cuda.is_available():
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True
-
-
-def init_nodes(load_pack: bool = True) -> None:
-    """Load ComfyUI's built-in and custom nodes; load this pack too if it is not in custom_nodes/."""
-    import nodes
-    import server
-
-    # a PromptServer that is never started, as main.py makes one: some nodes use it while loading
-    if getattr(server.PromptServer, "instance", None) is None:
-        server.PromptServer(asyncio.new_event_loop())
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    if load_pack and "SEGAKSampler" not in nodes.NODE_CLASS_MAPPINGS:
-        asyncio.run(nodes.load_custom_node(str(PACK_ROOT)))
-    if load_pack and "SEGAKSampler" not in nodes.NODE_CLASS_MAPPINGS:
-        raise RuntimeError("the SEGA nodes did not load: see the log above (ComfyUI v0.8.0 or newer is needed)")
-
-
-class PromptError(RuntimeError):
-    """A prompt failed validation or execution; the message is ComfyUI's."""
-
-
-class PromptValidationError(PromptError):
-    """ComfyUI's validation refused the prompt; the message lists every node error."""
-
-
-class PromptExecutionError(PromptError):
-    """A node failed while the prompt ran; the message has the node, the exception and its traceback."""
-
-
-class _Server:
-    """The few members of ComfyUI's PromptServer that the executor uses; keeps every event."""
-
-    def __init__(self) -> None:
-        self.client_id = None
-        self.last_node_id = None
-        self.events: list = []
-
-    def send_sync(self, event, data, sid=None) -> None:
-        self.events.append((event, data))
-
-
-def _validation_message(error: dict, node_errors: dict) -> str:
-    lines = [f"{error.get('message', error)}: {error.get('details', '')}".rstrip(": ")]
-    for node_id, info in node_errors.items():
-        for e in info.get("errors", []):
-            lines.append(f"  node {node_id} ({info.get('class_type')}): {e.get('message')}: {e.get('details', '')}")
-    return "\n".join(lines)
-
-
-def execute_prompt(prompt: dict, server=None) -> dict:
-    """Validate and run an API-format prompt with ComfyUI's own executor, without caching.
-
-    Returns the outputs by node id; raises PromptError with ComfyUI's message on failure.
-    """
-    import execution
-
-    prompt_id = uuid.uuid4().hex
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not valid:
-        raise PromptValidationError(_validation_message(error, node_errors))
-    server = server or _Server()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.NONE,
-                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
-    executor.execute(prompt, prompt_id, {}, outputs)
-    events = list(executor.status_messages) + list(getattr(server, "events", []))
-    for event, data in events:
-        if event == "execution_error":
-            tb = "".join(data.get("traceback") or [])
-            raise PromptExecutionError(f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                              f"{data.get('exception_type')}: {data.get('exception_message')}\n{tb}")
-        if event == "execution_interrupted":
-            raise PromptExecutionError(f"interrupted at node {data.get('node_id')} ({data.get('node_type')})")
-    if not executor.success or not any(event == "execution_success" for event, _ in events):
-        raise PromptExecutionError(f"the prompt did not finish; events: {[e for e, _ in events]}")
-    return executor.history_result["outputs"]
-
-
-# -- a tiny random-weight checkpoint for smoke tests ----------------------------------------------
-
-# ComfyUI detects SD15 from model_channels=320, context_dim=768, use_linear_in_transformer=False and
-# one transformer block; everything else shrinks (one level, one res block, no middle block).
-TINY_SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-    "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None, "model_channels": 320,
-    "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
-    "transformer_depth_middle": -2, "use_linear_in_transformer": False, "context_dim": 768,
-    "use_temporal_resblock": False, "use_temporal_attention": False,
-}
-# The full SD VAE: ComfyUI v0.8.0 does not infer a smaller decoder from the weights.
-SD_VAE_DDCONFIG = {
-    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
-    "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
-}
-
-
-def _init_weights(module) -> None:
-    """Deterministic weights for modules built with ComfyUI's ops, which skip initialisation."""
-    import torch
-
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.02)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        for m in module.modules():
-            for cls in type(m).__mro__:
-                if cls.__module__.startswith("torch.nn.modules") and "reset_parameters" in cls.__dict__:
-                    cls.reset_parameters(m)
-                    break
-
-
-def build_tiny_sd15(path: Path, seed: int = TINY_SEED) -> Path:
-    """Write a random-weight checkpoint in the SD1.5 layout (fp16 safetensors, ~450 MB) to `path`."""
-    import torch
-
-    import comfy.supported_models
-    import comfy.utils
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        config = comfy.supported_models.SD15(dict(TINY_SD15_UNET))
-        unet = config.get_model({}, device="cpu").diffusion_model
-        clip = config.clip_target().clip(device="cpu", dtype=torch.float32)
-        vae = AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
-        for m in (unet, clip, vae):
-            _init_weights(m)
-    sd = config.process_unet_state_dict_for_saving(unet.state_dict())
-    sd.update(config.process_clip_state_dict_for_saving(clip.state_dict()))
-    sd.update(config.process_vae_state_dict_for_saving(vae.state_dict()))
-    sd = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        comfy.utils.save_torch_file(sd, str(tmp), metadata={
-            "sega_tiny_format": TINY_FORMAT, "sega_tiny_seed": str(seed),
-            "description": "random weights in the SD1.5 layout, for smoke tests only"})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def tiny_checkpoint(folder: Path = CACHE_DIR / "models" / "checkpoints") -> Path:
-    """The tiny checkpoint in `folder`, built on first use (about 10 s) and reused after."""
-    from safetensors import safe_open
-
-    path = folder / TINY_NAME
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("sega_tiny_format") == TINY_FORMAT:
-                    return path
-        except Exception:  # truncated or foreign file: rebuild it
-            pass
-    return build_tiny_sd15(path)
-
-
-# -- the workflow ----------------------------------------------------------------------------------
-
-DEFAULT_WORKFLOW = PACK_ROOT / "workflows" / "01-add-concept-portrait-sd15.json"
-CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")  # a seed's "control after generate"
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-NOTE_TYPES = ("Note", "MarkdownNote")
-
-
-class WorkflowError(RuntimeError):
-    """A workflow file this script cannot run; the message says why."""
-
-
-def _is_widget(spec) -> bool:
-    kind = spec[0]
-    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput")
-
-
-def node_input_types(kind: str):
-    """The input definitions of a loaded node type (as GET /object_info gives them), or None."""
-    import nodes
-
-    cls = nodes.NODE_CLASS_MAPPINGS.get(kind)
-    return None if cls is None else cls.INPUT_TYPES()
-
-
-def _default(spec):
-    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    if "default" in options:
-        return options["default"]
-    choices = spec[0] if isinstance(spec[0], list) else options.get("options") or [None]
-    return choices[0]
-
-
-def ui_to_api(workflow: dict, input_types=node_input_types) -> dict:
-    """The API-format prompt of a workflow saved by ComfyUI's frontend (UI format), as the
-    frontend's "Export (API)" makes it for plain graphs: links become [node id, output slot],
-    `widgets_values` fill the node's widget inputs in the order of its input definitions (a seed's
-    "control after generate" value is skipped). Notes are left out; groups, reroutes, muted or
-    bypassed nodes and subgraphs are refused. `input_types(kind)` gives a node type's input
-    definitions (None for an unknown type)."""
-    links = {link[0]: link for link in workflow.get("links", [])}  # [id, from, from_slot, to, to_slot, type]
-    prompt = {}
-    for node in workflow.get("nodes", []):
-        kind = node.get("type")
-        if kind in NOTE_TYPES:
-            continue
-        defs = input_types(kind)
-        if defs is None:
-            raise WorkflowError(f"node {node.get('id')}: '{kind}' is not a node of this ComfyUI "
-                                f"(missing custom node, or a reroute/subgraph this script does not convert)")
-        if node.get("mode", 0) != 0:
-            raise WorkflowError(f"node {node['id']} ({kind}) is muted or bypassed: un-mute it or pick another workflow")
-        inputs = {}
-        for socket in node.get("inputs", []):
-            if socket.get("link") is not None:
-                link = links[socket["link"]]
-                inputs[socket["name"]] = [str(link[1]), link[2]]
-        values = list(node.get("widgets_values") or [])
-        for name, spec in [*defs.get("required", {}).items(), *defs.get("optional", {}).items()]:
-            if not _is_widget(spec):
-                continue
-            # a widget added to the node after the workflow was saved gets its default, as in the frontend
-            value = values.pop(0) if values else _default(spec)
-            inputs.setdefault(name, value)  # a widget turned into a linked input keeps its link
-            if spec[0] == "INT" and values and values[0] in CONTROL_VALUES:
-                values.pop(0)
-        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
-    return prompt
-
-
-def _nodes_of(prompt: dict, kind: str) -> list:
-    return [n for n in prompt.values() if n["class_type"] == kind]
-
-
-def _source(prompt: dict, node: dict, name: str):
-    link = node["inputs"].get(name)
-    return prompt.get(link[0]) if isinstance(link, list) else None
-
-
-def _downstream(prompt: dict, roots: set) -> set:
-    """Ids of `roots` and of every node that takes, directly or not, an output of one of them."""
-    found = set(roots)
-    changed = True
-    while changed:
-        changed = False
-        for nid, node in prompt.items():
-            if nid not in found and any(isinstance(v, list) and v and v[0] in found for v in node["inputs"].values()):
-                found.add(nid)
-                changed = True
-    return found
-
-
-def side_by_side(prompt: dict, prefix: str) -> dict:
-    """One prompt that runs `prompt` twice, without SEGA (every SEGA Concept at edit_scale 0, which
-    samples exactly as without SEGA) and with it, and saves both images side by side. Only the
-    nodes after a SEGA Concept are doubled (the checkpoint loads once)."""
-    saves = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
-    concepts = {nid for nid, n in prompt.items() if n["class_type"] == "SEGAConcept"}
-    if len(saves) != 1 or not concepts:
-        raise WorkflowError("the workflow needs one SaveImage and at least one SEGA Concept "
-                            f"(it has {len(saves)} SaveImage and {len(concepts)} SEGA Concept)")
-    save = prompt[saves[0]]
-    images = save["inputs"]["images"]
-    out = {nid: n for nid, n in prompt.items() if nid != saves[0]}
-    doubled = _downstream(out, concepts)
-
-    def base(link):
-        return [f"base:{link[0]}", link[1]] if isinstance(link, list) and link and link[0] in doubled else link
-
-    for nid in doubled:
-        node = out[nid]
-        inputs = {k: base(v) for k, v in node["inputs"].items()}
-        if node["class_type"] == "SEGAConcept":
-            inputs["edit_scale"] = 0.0
-        out[f"base:{nid}"] = {"class_type": node["class_type"], "inputs": inputs}
-    base_images = base(images)
-    out["sega_stitch"] = {"class_type": "ImageStitch", "inputs": {
-        "image1": base_images, "image2": images, "direction": "right", "match_image_size": True,
-        "spacing_width": 8, "spacing_color": "white"}}
-    out["sega_save"] = {"class_type": "SaveImage", "inputs": {"images": ["sega_stitch", 0], "filename_prefix": prefix}}
-    return out
 
 
 def apply_options(prompt: dict, args) -> None:
@@ -369,14 +49,14 @@ def apply_options(prompt: dict, args) -> None:
         if text is None:
             continue
         for node in list(prompt.values()):
-            source = _source(prompt, node, role)
+            source = source_of(prompt, node, role)
             if source is not None and source["class_type"] == "CLIPTextEncode":
                 source["inputs"]["text"] = text
     if args.concept is not None:
-        concepts = _nodes_of(prompt, "SEGAConcept")
+        concepts = nodes_of(prompt, "SEGAConcept")
         if len(concepts) != 1:
             raise WorkflowError(f"--concept needs a workflow with one SEGA Concept; this one has {len(concepts)}")
-        source = _source(prompt, concepts[0], "conditioning")
+        source = source_of(prompt, concepts[0], "conditioning")
         if source is None or source["class_type"] != "CLIPTextEncode":
             raise WorkflowError("--concept: the SEGA Concept's conditioning does not come from a CLIP Text Encode")
         source["inputs"]["text"] = args.concept
@@ -392,7 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--workflow", default=str(DEFAULT_WORKFLOW),
                    help="a workflow saved by ComfyUI (UI format) with SEGA Concepts and one Save Image "
                         "(default: the pack's example 01, 'glasses' added to a portrait)")
-    p.add_argument("--comfyui", help="the ComfyUI folder (default: found from this file or the current folder)")
+    p.add_argument("--comfyui", help="the ComfyUI folder (default: $COMFYUI_PATH, else $HOME/ComfyUI, else the "
+                                      "ComfyUI whose custom_nodes/ holds this pack)")
     p.add_argument("--prompt", help="the positive prompt's text (default: the workflow's)")
     p.add_argument("--negative", help="the negative prompt's text")
     p.add_argument("--concept", help="the concept's text (workflows with one SEGA Concept)")
@@ -407,11 +88,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    root = find_comfyui(args.comfyui)
-    if root is None:
-        print("ComfyUI not found: run this from the ComfyUI folder, or pass --comfyui PATH.", file=sys.stderr)
+    try:
+        root = find_comfyui(args.comfyui)
+    except HostError as e:
+        print(e, file=sys.stderr)
         return 2
-    use_comfyui(root)
+    if root is None:
+        print("ComfyUI not found: run the copy in ComfyUI/custom_nodes/, set COMFYUI_PATH, or pass --comfyui PATH.",
+              file=sys.stderr)
+        return 2
+    prepare_host(root)
     import folder_paths
 
     if args.output_dir:

@@ -6,23 +6,25 @@ Layers:
 Any other test that needs ComfyUI is marked `@pytest.mark.host` by hand.
 
 The host is the first of: $COMFYUI_PATH; $HOME/ComfyUI; the folder above custom_nodes/ when this
-pack sits in ComfyUI/custom_nodes/<pack>. A host is a folder with comfy/ and nodes.py; it goes
-first on sys.path (before this repo, whose nodes/ would otherwise shadow ComfyUI's nodes.py).
+pack sits in ComfyUI/custom_nodes/<pack> (harness.host.find_comfyui, the order run_sega.py, the
+benchmarks and .ci/run use too). A host is a folder with comfy/ and nodes.py; it goes first on
+sys.path (before this repo, whose nodes/ would otherwise shadow ComfyUI's nodes.py).
 Without one, host tests are skipped and the summary says so in one line.
 
 Host test modules import tests/host/comfy_host.py before anything from ComfyUI (it selects the
-CPU when torch has no CUDA). Do not add an __init__.py to tests/: ComfyUI's own tree has a
+CPU when torch has no CUDA, through harness.host.prepare_host). Do not add an __init__.py to tests/: ComfyUI's own tree has a
 `tests` package that would shadow it.
 """
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
+
+from harness.host import HostError, find_comfyui, host_version
 
 TESTS_DIR = Path(__file__).resolve().parent
 PACK_ROOT = TESTS_DIR.parent
@@ -38,43 +40,12 @@ COMFY_MODULES = ("comfy", "comfy_api", "comfy_execution", "comfy_extras", "folde
 _skipped_modules: list[str] = []
 
 
-def is_comfyui_tree(path: Path) -> bool:
-    return (path / "comfy").is_dir() and (path / "nodes.py").is_file()
-
-
-def find_host() -> Path | None:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        path = Path(env).expanduser()
-        if not is_comfyui_tree(path):
-            raise ValueError(f"COMFYUI_PATH={env} is not a ComfyUI source tree (no comfy/ and nodes.py)")
-        return path.resolve()
-    candidates = [Path.home() / "ComfyUI"]
-    # The pack inside ComfyUI/custom_nodes/<pack>, reached directly or through a link.
-    for pack in (Path(os.path.abspath(__file__)).parent.parent, PACK_ROOT):
-        if pack.parent.name == "custom_nodes":
-            candidates.append(pack.parent.parent)
-    for path in candidates:
-        if is_comfyui_tree(path):
-            return path.resolve()
-    return None
-
-
-def host_version(host: Path) -> str:
-    try:
-        text = (host / "comfyui_version.py").read_text()
-    except OSError:
-        return "unknown version"
-    m = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", text)
-    return m.group(1) if m else "unknown version"
-
-
 # At import, not in pytest_configure: conftest files below this one (tests/host/) can be loaded
 # before pytest_configure runs, and they import comfy_host, which looks for ComfyUI on sys.path.
 _host_error = ""
 try:
-    _host = find_host()
-except ValueError as e:
+    _host = find_comfyui()
+except HostError as e:
     _host, _host_error = None, str(e)
 if _host is not None and (not sys.path or sys.path[0] != str(_host)):
     sys.path.insert(0, str(_host))

@@ -17,6 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "host"))  # comfy_server
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # harness
+
+from harness.pack import concept_inputs  # noqa: E402
 
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
@@ -56,9 +59,7 @@ class G:
 
     def concept(self, key, text, pos, **w):
         self.text(key + "_text", text, pos, title=f"Concept: {text}")
-        widgets = {"edit_scale": 5.0, "direction": "add", "threshold": 0.9, "warmup": 10,
-                   "cooldown": 10000, "weight": 1.0, "label": text}
-        widgets.update(w)
+        widgets = concept_inputs(label=text, **w)
         self.node(key, "SEGAConcept", (pos[0] + 420, pos[1]), widgets)
         self.link(key + "_text", 0, key, "conditioning")
         return key
@@ -301,10 +302,11 @@ BUILD_JS = """async (spec) => {
 
 def main() -> None:
     import conftest  # noqa: F401  (puts the ComfyUI host on sys.path)
+    from harness.host import find_comfyui
     from comfy_browser import Server, launch_browser, open_page, prepare_base_dir
     from playwright.sync_api import sync_playwright
 
-    host = conftest.find_host()
+    host = find_comfyui()
     out_dir = Path(__file__).resolve().parents[2] / "workflows"
     out_dir.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,53 +17,24 @@ Functions:
                         raises PromptValidationError / PromptExecutionError with ComfyUI's message
   saved_images(outputs) the images that SaveImage / PreviewImage wrote, as numpy arrays
   load_pack(path)       load one more custom node folder after init (e.g. a throwaway test pack)
-  init_comfy(work_dir, packs): what the comfy_nodes fixture uses (the checkpoint builder and
-                        the prompt runner are run_sega.py's)
+  init_comfy(work_dir, packs): what the comfy_nodes fixture uses
+Finding the host, preparing it, the checkpoint builder and the prompt runner are harness/'s
+(shared with run_sega.py and the benchmarks); this module adds the pytest side.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
 import pytest
 
-from run_sega import PromptExecutionError, PromptValidationError, execute_prompt  # noqa: F401  (re-exported)
-
-PACK_ROOT = Path(__file__).resolve().parents[2]
-# The folder name the pack gets under custom_nodes/ (ComfyUI names the module after it).
-PACK_NAME = "comfyui-sega"
-
-CACHE_DIR = Path(os.environ.get("SEGA_TEST_CACHE") or Path.home() / ".cache" / "comfyui-sega")
-CHECKPOINTS_DIR = CACHE_DIR / "models" / "checkpoints"
-
-def prepare_host() -> None:
-    """Get ComfyUI's modules ready to import the way main.py has them (idempotent).
-
-    Selects the CPU in ComfyUI's arguments when torch has no CUDA. Binds `utils` to ComfyUI's
-    utils/ package, as main.py does first thing: importing nodes.py puts comfy/ (which holds
-    comfy/utils.py) in front of sys.path, after which `import server` would fail on v0.8.0.
-    """
-    import sys
-
-    import torch
-
-    if "utils" not in sys.modules:
-        host = host_on_path()
-        if host is not None and (host / "utils" / "__init__.py").is_file():
-            import utils  # noqa: F401
-    if torch.cuda.is_available():
-        return
-    import comfy.cli_args
-
-    if not comfy.cli_args.args.cpu and "comfy.model_management" in sys.modules:
-        raise RuntimeError(
-            "comfy.model_management was imported before comfy_host.prepare_host(): "
-            "import comfy_host before anything from ComfyUI"
-        )
-    comfy.cli_args.args.cpu = True
+# re-exported for the tests: CACHE_DIR, PACK_NAME, PACK_ROOT, host_on_path, the prompt errors
+from harness.host import (CACHE_DIR, PACK_NAME, PACK_ROOT, host_on_path, load_custom_node,  # noqa: F401
+                          prepare_host, start_prompt_server)
+from harness.prompts import PromptExecutionError, PromptValidationError, execute_prompt  # noqa: F401
+from harness.tiny import CHECKPOINTS_DIR, tiny_checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,13 +62,13 @@ class TinyCheckpoint:
 
 
 def tiny_sd15_checkpoint_path() -> Path:
-    """Build (once) and return the tiny checkpoint (run_sega.py's builder); check that it loads as SD15."""
+    """Build (once) and return the tiny checkpoint (harness.tiny's builder); check that it loads as SD15."""
     prepare_host()
-    import run_sega
+    from harness.tiny import TINY_NAME
 
-    path = CHECKPOINTS_DIR / run_sega.TINY_NAME
+    path = CHECKPOINTS_DIR / TINY_NAME
     fresh = not path.is_file()
-    path = run_sega.tiny_checkpoint(CHECKPOINTS_DIR)
+    path = tiny_checkpoint(CHECKPOINTS_DIR)
     try:
         check_sd15(path, full=fresh)
     except Exception:
@@ -171,12 +142,7 @@ def init_comfy(work_dir: Path, packs: dict[str, Path] | None = None) -> ComfyNod
     CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
     folder_paths.add_model_folder_path("checkpoints", str(CHECKPOINTS_DIR))
 
-    # A real PromptServer (never started), as main.py makes before loading nodes: some built-in
-    # extensions (v0.33.0's nodes_replacements) and packs use PromptServer.instance at load time.
-    import server
-
-    if getattr(server.PromptServer, "instance", None) is None:
-        server.PromptServer(asyncio.new_event_loop())
+    start_prompt_server()  # as main.py does before loading nodes
 
     recorder = _RecordWarnings()
     logging.getLogger().addHandler(recorder)
@@ -213,12 +179,7 @@ def ckpt(comfy_nodes, tiny_sd15_checkpoint) -> str:
 
 def load_pack(path: Path) -> list[str]:
     """Load one more custom node folder (or .py file) after init; returns the node ids it added."""
-    import nodes
-
-    before = dict(nodes.NODE_CLASS_MAPPINGS)
-    if not asyncio.run(nodes.load_custom_node(str(path))):
-        raise RuntimeError(f"ComfyUI could not load {path} (see the log)")
-    return sorted(k for k, v in nodes.NODE_CLASS_MAPPINGS.items() if before.get(k) is not v)
+    return load_custom_node(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +191,7 @@ def run_prompt(prompt: dict) -> dict:
 
     Returns the UI outputs by node id (e.g. {"9": {"images": [{"filename": ...}]}}); raises
     PromptValidationError or PromptExecutionError with ComfyUI's message when it fails.
-    Needs the `comfy_nodes` fixture (or init_comfy) first. The runner is run_sega.py's.
+    Needs the `comfy_nodes` fixture (or init_comfy) first. The runner is harness.prompts'.
     """
     if _STATE is None:
         raise RuntimeError("ComfyUI is not initialised: use the comfy_nodes fixture")
@@ -256,17 +217,6 @@ def saved_images(outputs: dict, node_id: str | None = None) -> list:
             with Image.open(path) as im:
                 images.append(np.asarray(im).copy())
     return images
-
-
-def host_on_path() -> Path | None:
-    """The ComfyUI tree on sys.path (tests/conftest.py puts the one it found first), if any."""
-    import sys
-
-    for entry in sys.path:
-        p = Path(entry or ".")
-        if (p / "comfy").is_dir() and (p / "nodes.py").is_file():
-            return p.resolve()
-    return None
 
 
 if host_on_path() is not None:

@@ -8,11 +8,10 @@ checkpoint (the same ModelPatcher) is shared by every prompt of the queue.
 """
 from __future__ import annotations
 
-import asyncio
-import uuid
 from pathlib import Path
 
 from comfy_host import run_prompt
+from harness.pack import concept_node
 
 SIZE = 32  # pixels: a 4x4 latent
 STEPS = 3
@@ -31,10 +30,8 @@ def graph(ckpt: str, batch: int = 1) -> dict:
 def add_concept(g: dict, name: str, text: str, **settings) -> list:
     """A CLIP Text Encode and a SEGA Concept (strong settings: the random model's prompts differ little)."""
     g[f"{name}_text"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["ckpt", 1]}}
-    inputs = {"conditioning": [f"{name}_text", 0], "edit_scale": 20.0, "direction": "add", "threshold": 0.5,
-              "warmup": 0, "cooldown": 10000, "weight": 1.0, "label": text}
-    inputs.update(settings)
-    g[name] = {"class_type": "SEGAConcept", "inputs": inputs}
+    g[name] = concept_node([f"{name}_text", 0], **{"edit_scale": 20.0, "threshold": 0.5, "warmup": 0, "label": text,
+                                                   **settings})
     return [name, 0]
 
 
@@ -90,40 +87,18 @@ def run_latents(prompt: dict) -> dict:
 
 
 class Queue:
-    """Prompts run one after another through one PromptExecutor with ComfyUI's default cache.
-
-    `run` returns the saved latents and records which nodes executed (not taken from the cache).
-    """
+    """Prompts run one after another through one PromptExecutor with ComfyUI's default cache
+    (harness.prompts.PromptRunner). `run` returns the saved latents and records which nodes
+    executed (not taken from the cache) in `executed`."""
 
     def __init__(self):
-        import execution
-        import run_sega
+        from harness.prompts import PromptRunner
 
-        self.server = run_sega._Server()
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
-                                                    cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
-        self.executed: list = []  # node ids that executed in the last run
+        self.runner = PromptRunner(cache=True, client_id="sega-test")
+
+    @property
+    def executed(self) -> list:
+        return self.runner.executed
 
     def run(self, prompt: dict) -> dict:
-        import execution
-        import run_sega
-
-        prompt_id = uuid.uuid4().hex
-        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        if not valid:
-            raise run_sega.PromptValidationError(run_sega._validation_message(error, node_errors))
-        self.server.events.clear()
-        # with a client id, the executor reports each node it executes (cached ones are not reported)
-        self.executor.execute(prompt, prompt_id, {"client_id": "sega-test"}, outputs)
-        events = list(self.executor.status_messages) + list(self.server.events)
-        self.executed = [d.get("node") for e, d in events if e == "executing" and d.get("node") is not None]
-        for event, data in events:
-            if event == "execution_error":
-                raise run_sega.PromptExecutionError(
-                    f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                    f"{data.get('exception_type')}: {data.get('exception_message')}")
-            if event == "execution_interrupted":
-                raise run_sega.PromptExecutionError(f"interrupted at node {data.get('node_id')}")
-        if not self.executor.success:
-            raise run_sega.PromptExecutionError(f"the prompt did not finish; events: {[e for e, _ in events]}")
-        return latents(self.executor.history_result["outputs"])
+        return latents(self.runner.run(prompt))
