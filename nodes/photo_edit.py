@@ -27,6 +27,7 @@ from comfy_api.latest import io
 
 from ..sega_core import Plan, SEGAValueError, sega_step
 from ..sega_core import ledits
+from .concept_masks import MaskWatch, PreviewTarget, preview_target
 from .concept_nodes import Concepts, _chain
 from .errors import SEGAError
 from .patch import _fit_mask, remove_sega
@@ -351,7 +352,7 @@ class PhotoGuider(comfy.samplers.CFGGuider):
     """
 
     def __init__(self, model_patcher, inversion: PhotoInversion, specs: list, plan: Plan, combination: str,
-                 node: str):
+                 node: str, preview: Optional[PreviewTarget] = None, tally: bool = False):
         m = model_patcher.clone()
         remove_sega(m)
         super().__init__(m)
@@ -375,11 +376,16 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         self._momentum_step = None
         self._next_momentum = None
         self.rows_per_step: list = []  # model rows of each evaluation of the last run (for tests and benchmarks)
+        self.preview = preview  # the node the page draws each concept's kept positions on
+        self.tally = tally  # gather the kept positions for a concept_masks output
+        self.watch: Optional[MaskWatch] = None  # the last run's MaskWatch
 
     def sample(self, *args, **kwargs):
         self._momentum = self._next_momentum = None
         self._momentum_step = None
         self.rows_per_step = []
+        labels = [s.label or f"#{i + 1}" for i, s in enumerate(self.specs)]
+        self.watch = MaskWatch.for_run(labels, self.preview, self.tally) if self.specs else None
         return super().sample(*args, **kwargs)
 
     def _step(self, timestep: torch.Tensor) -> int:
@@ -413,15 +419,23 @@ class PhotoGuider(comfy.samplers.CFGGuider):
             uncond = (x - uncond_denoised) / sigma
             preds = (x.unsqueeze(0) - torch.stack(outs)) / sigma
             masks = self._masks(x)
+            watch = self.watch
+            want = watch is not None and watch.wants(step, self.inversion.steps, True)
+            kept = None
             if self.combination == "sega":
                 if step != self._momentum_step:
                     if self._momentum_step is not None:
                         self._momentum = self._next_momentum
                     self._momentum_step = step
-                result = sega_step(uncond, preds, rows, step, self.plan, self._momentum, (), masks)
+                result = sega_step(uncond, preds, rows, step, self.plan, self._momentum, (), masks, return_kept=want)
                 edit, self._next_momentum = result[0], result[1]
+                kept = result[2] if want else None
+            elif want:
+                edit, kept = ledits.ledits_guidance(uncond, preds, rows, step, self.plan, masks, return_kept=True)
             else:
                 edit = ledits.ledits_guidance(uncond, preds, rows, step, self.plan, masks)
+            if want:
+                self._watch(step, rows, kept, masks)
             if edit is not None:
                 denoised = denoised - sigma * edit
         for fn in model_options.get("sampler_post_cfg_function", []):
@@ -431,13 +445,28 @@ class PhotoGuider(comfy.samplers.CFGGuider):
                            else uncond_denoised, "sigma": timestep, "model_options": model_options, "input": x})
         return denoised
 
+    def _watch(self, step: int, rows: list, kept, masks) -> None:
+        plan = self.plan
+        if self.combination == "sega":
+            active = [step >= plan.warmup[c] and step < plan.cooldown[c] and plan.weight[c] > 0.0
+                      for c in range(len(plan))]
+        else:
+            acting = set(ledits.ledits_rows(plan, step))
+            active = [c in acting for c in range(len(plan))]
+        weights = []
+        for c in rows:
+            m = None if masks is None else masks[c]
+            weights.append(None if m is None else m.reshape(m.shape[0], *m.shape[-2:]))
+        self.watch.add(step, self.inversion.steps, rows, active, kept, weights)
+
     def _masks(self, x):
         if all(s.mask is None for s in self.specs):
             return None
         return [None if s.mask is None else _fit_mask(s.mask, x) for s in self.specs]
 
 
-def photo_guider(model, inversion, concepts, combination: str, node: str) -> PhotoGuider:
+def photo_guider(model, inversion, concepts, combination: str, node: str, preview: Optional[PreviewTarget] = None,
+                 tally: bool = False) -> PhotoGuider:
     if not isinstance(inversion, PhotoInversion):
         raise SEGAError(f"{node}: the inversion input must come from a SEGA Invert Photo node.")
     if combination not in ("ledits", "sega"):
@@ -456,7 +485,7 @@ def photo_guider(model, inversion, concepts, combination: str, node: str) -> Pho
         if not isinstance(spec.conditioning, list) or not spec.conditioning:
             raise SEGAError(f"{spec.describe(i)}: its conditioning input is empty; wire a CLIP Text Encode into it.")
         _check_width(f"{node}: {spec.describe(i)}", "its conditioning", spec.conditioning, inversion.uncond)
-    return PhotoGuider(model, inversion, specs, plan, combination, node)
+    return PhotoGuider(model, inversion, specs, plan, combination, node, preview, tally)
 
 
 def _combination_input():
@@ -496,19 +525,32 @@ class SEGAPhotoEdit(io.ComfyNode):
                             "the output is the photo (float32, within 1e-4). as diffusers: the last step ends on "
                             "the model's x0-prediction, as diffusers' LEDITS++ does (slightly softer)."),
             ],
-            outputs=[io.Latent.Output(tooltip="The edited latent; VAE Decode it.")],
+            outputs=[
+                io.Latent.Output(tooltip="The edited latent; VAE Decode it."),
+                io.Mask.Output(
+                    "concept_masks", display_name="concept_masks",
+                    tooltip="Where each concept acted: per concept, then per image, the fraction of the concept's "
+                            "active steps in which its mask kept each position, at image size (as SEGA KSampler's)."),
+            ],
+            hidden=[io.Hidden.unique_id, io.Hidden.dynprompt],
         )
 
     @classmethod
     def execute(cls, model, inversion, combination, reconstruction, concepts=None) -> io.NodeOutput:
-        return io.NodeOutput(photo_edit(model, inversion, concepts, combination, reconstruction))
+        guiders = []
+        latent = photo_edit(model, inversion, concepts, combination, reconstruction, guider_out=guiders,
+                            preview=preview_target(cls.hidden))
+        return io.NodeOutput(latent, concept_masks(model, guiders[0], inversion))
 
 
 def photo_edit(model, inversion, concepts=None, combination: str = "ledits", reconstruction: str = "exact",
-               node: str = "SEGA Photo Edit", guider_out: Optional[list] = None) -> dict:
+               node: str = "SEGA Photo Edit", guider_out: Optional[list] = None,
+               preview: Optional[PreviewTarget] = None) -> dict:
+    """Edits an inverted photo: the LATENT. guider_out: a list that receives the PhotoGuider (its
+    rows_per_step and the MaskWatch of the kept positions)."""
     if reconstruction not in ("exact", "as diffusers"):
         raise SEGAError(f"{node}: reconstruction must be 'exact' or 'as diffusers', got {reconstruction!r}.")
-    guider = photo_guider(model, inversion, concepts, combination, node)
+    guider = photo_guider(model, inversion, concepts, combination, node, preview, tally=guider_out is not None)
     if guider_out is not None:
         guider_out.append(guider)
     latent = torch.zeros(inversion.latent_shape, dtype=torch.float32)
@@ -519,6 +561,16 @@ def photo_edit(model, inversion, concepts=None, combination: str = "ledits", rec
         raise SEGAError(f"{node}: the edit gave NaN or inf. Check the model (fp16 overflow?) and lower the "
                         f"concepts' edit_scale.")
     return {"samples": out}
+
+
+def concept_masks(model, guider: PhotoGuider, inversion: PhotoInversion) -> torch.Tensor:
+    """SEGA Photo Edit's concept_masks: (concepts x batch, H, W) at image size."""
+    ratio = getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", 8)
+    shape = inversion.latent_shape
+    size = (shape[-2] * ratio, shape[-1] * ratio)
+    if guider.watch is None or all(s is None for s in guider.watch.sums):
+        return torch.zeros(max(1, len(guider.specs)) * shape[0], *size)
+    return guider.watch.result(shape[0], size)
 
 
 class SEGAPhotoGuider(io.ComfyNode):
@@ -539,11 +591,13 @@ class SEGAPhotoGuider(io.ComfyNode):
                 _combination_input(),
             ],
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
+            hidden=[io.Hidden.unique_id, io.Hidden.dynprompt],
         )
 
     @classmethod
     def execute(cls, model, inversion, combination, concepts=None) -> io.NodeOutput:
-        return io.NodeOutput(photo_guider(model, inversion, concepts, combination, "SEGA Photo Guider"))
+        return io.NodeOutput(photo_guider(model, inversion, concepts, combination, "SEGA Photo Guider",
+                                          preview=preview_target(cls.hidden)))
 
 
 class SEGAInversionSampler(io.ComfyNode):

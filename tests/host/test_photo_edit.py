@@ -145,6 +145,23 @@ def test_edit_acts_only_inside_the_mask(combination):
     assert inside > 1e-2 and inside > 2 * outside
 
 
+@pytest.mark.parametrize("combination", ["ledits", "sega"])
+def test_concept_masks_show_where_each_concept_acted(combination):
+    """SEGA Photo Edit's concept_masks: per concept, the share of its active steps in which each position was
+    kept; a masked concept only inside its mask, a concept that never acts (warm-up past the end) all zero."""
+    inv = invert("sd15")
+    c = FAMILIES["sd15"].cond
+    concepts = concept_node(c(5), mask=left_half_pixels(), label="masked",
+                            concepts=concept_node(c(4), warmup=100, label="late"))
+    out = mod().SEGAPhotoEdit.execute(model=model_of("sd15"), inversion=inv, concepts=concepts,
+                                      combination=combination, reconstruction="exact")
+    masks = (getattr(out, "result", None) or out.args)[1]
+    assert masks.shape == (2, 64, 64)
+    assert masks[0].abs().sum() == 0  # "late" never acts
+    assert masks[1][:, :32].max() > 0 and masks[1][:, 32:].max() == 0
+    assert 0 <= masks.min() and masks.max() <= 1
+
+
 def test_remove_and_add_go_opposite_ways():
     inv = invert("sd15")
     c = FAMILIES["sd15"].cond(5)
