@@ -144,17 +144,19 @@ class Predictions:
 
     def denoise(self, sigmas, tags=(UNCOND,), combine=None, record: Optional[str] = None):
         """ComfyUI's convention: denoise(X, sigma) with X in sampler space. The model input is
-        X / sqrt(1 + sigma^2) (ComfyUI's EPS input scaling); eps of each tag, combined by `combine`
-        (list of per-tag eps -> eps; default the first), denoised = X - sigma * eps."""
+        X / sqrt(1 + sigma^2) (ComfyUI's EPS input scaling); eps of each tag (`tags`: a sequence, or a
+        function of the step giving one), combined by `combine(eps_list, step)` (default: the
+        first), denoised = X - sigma * eps."""
         index = {float(s): k for k, s in enumerate(sigmas[:-1])}
 
         def fn(x, sigma):
             s = float(sigma)
             k = index[s]
             x_in = x / math.sqrt(s * s + 1.0)
-            eps = [torch.stack([self.eps(k, tag, b, x_in[b]) for b in range(x.shape[0])]) for tag in tags]
+            step_tags = list(tags(k) if callable(tags) else tags)
+            eps = [torch.stack([self.eps(k, tag, b, x_in[b]) for b in range(x.shape[0])]) for tag in step_tags]
             if record is not None:
-                self.calls.append((record, k, list(tags)))
+                self.calls.append((record, k, step_tags))
             e = eps[0] if combine is None else combine(eps, k)
             return x - s * e
 

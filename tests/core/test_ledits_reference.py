@@ -1,0 +1,198 @@
+"""sega_core.ledits against the reference: diffusers' LEditsPPPipelineStableDiffusion and
+LEditsPPPipelineStableDiffusionXL, run offline with stand-in parts (harness/ledits_reference.py).
+
+Both sides get the same predictions (per step, per row, plus a smooth function of the latent the
+model is given) and the same random draws (one generator seed). Compared, within 1e-5 (float32):
+the x_t that starts the edit (init_latents), every noise map zs[k], and the latent after every edit
+step. sega_core works in ComfyUI's sampler space (X = x0 + sigma * eps); diffusers' VP latent is
+X / sqrt(1 + sigma^2), so each of our latents is converted before the comparison.
+
+Deliberate differences from diffusers have their own tests at the end of this file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+from harness import ledits_reference as R  # noqa: E402
+from sega_core import Concept, Plan, SEGAValueError  # noqa: E402
+from sega_core.ledits import (  # noqa: E402
+    draw_noises, invert, ledits_guidance, ledits_rows, ledits_timesteps, replay)
+
+ATOL = 1e-5
+E = R.Edit
+
+
+@dataclass
+class Case:
+    family: str = "sd"
+    steps: int = 4
+    skip: float = 0.15
+    shape: tuple = (1, 4, 8, 8)  # (B, C, h, w) latent
+    edits: List[R.Edit] = field(default_factory=list)
+    user_mask: Optional[str] = None  # None, "binary" or "soft"
+    source: bool = False  # SDXL: a source prompt with guidance scale `source_scale`
+    source_scale: float = 3.5
+    zero_noise_steps: int = 0  # SDXL's num_zero_noise_steps
+    seed: int = 0
+
+
+def make_inputs(case: Case):
+    """x0, the prediction table (concepts and source near the uncond, as real predictions are) and
+    the user mask."""
+    g = torch.Generator().manual_seed(1000 + case.seed)
+    n, (b, c, h, w) = case.steps, case.shape
+    u = torch.randn((n, 1, b, c, h, w), generator=g)
+    others = u + 0.15 * torch.randn((n, 1 + len(case.edits), b, c, h, w), generator=g)
+    table = torch.cat([u, others], dim=1)
+    x0 = torch.randn((b, c, h, w), generator=g)
+    mask = None
+    if case.user_mask == "binary":
+        mask = (torch.rand((1, 1, h, w), generator=g) > 0.4).float()
+    elif case.user_mask == "soft":
+        mask = torch.rand((1, 1, h, w), generator=g)
+    return x0, table, mask
+
+
+def vp(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Sampler space -> diffusers' VP latent."""
+    return x / math.sqrt(1.0 + sigma * sigma)
+
+
+def source_cfg(scale: float):
+    """SDXL's source guidance: eps_u + s (eps_src - eps_u), on [uncond, source]."""
+    return lambda eps, k: eps[0] + scale * (eps[1] - eps[0])
+
+
+def run_reference(pipe, case: Case, preds, x0, mask):
+    kw = {}
+    if case.family == "sdxl":
+        kw["num_zero_noise_steps"] = case.zero_noise_steps
+    source = "source" if case.source else ""
+    init, zs, sigmas = R.invert(pipe, preds, x0, case.steps, case.skip, case.seed, source_prompt=source,
+                                source_guidance_scale=case.source_scale, **kw)
+    latents = R.edit(pipe, preds, case.edits, user_mask=mask)
+    return init, zs, sigmas, latents
+
+
+def plan_of(edits) -> Plan:
+    return Plan.build([Concept(scale=e.scale, threshold=e.threshold, warmup=e.warmup, cooldown=e.cooldown,
+                               reverse=e.reverse) for e in edits], momentum_scale=0.0)
+
+
+def run_ours(case: Case, preds, x0, mask, sigmas, inversion_combine=None, inversion_tags=(R.UNCOND,)):
+    """sega_core's inversion and edit on the same predictions: (start, zs, latents after each step)."""
+    noises = draw_noises(x0.shape, case.steps, torch.Generator().manual_seed(case.seed))
+    if inversion_combine is None and case.source and case.source_scale > 1.0:
+        inversion_combine, inversion_tags = source_cfg(case.source_scale), (R.UNCOND, R.SOURCE)
+    inv = invert(x0, sigmas, noises, preds.denoise(sigmas, inversion_tags, inversion_combine, record="ours-invert"),
+                 zero_noise_steps=case.zero_noise_steps)
+    plan = plan_of(case.edits)
+    masks = None if mask is None else [mask] * len(plan)
+
+    def tags(k):
+        return [R.UNCOND] + [2 + c for c in ledits_rows(plan, k)]
+
+    def combine(eps, k):
+        rows = ledits_rows(plan, k)
+        edit = ledits_guidance(eps[0], torch.stack(eps[1:]) if rows else None, rows, k, plan, masks)
+        return eps[0] if edit is None else eps[0] + edit
+
+    seen = []
+    out = replay(inv.start, sigmas, inv.zs, preds.denoise(sigmas, tags, combine, record="ours-edit"),
+                 callback=lambda d: seen.append(d["x"]))
+    return inv, seen[1:] + [out]
+
+
+def check(pipes, case: Case):
+    pipe = pipes[case.family]
+    x0, table, mask = make_inputs(case)
+    ts = ledits_timesteps(case.steps, case.skip)
+    preds = R.Predictions(table, ts)
+    init, zs, sigmas, ref = run_reference(pipe, case, preds, x0, mask)
+    assert R.timesteps(pipe, case.steps, case.skip) == ts
+    inv, ours = run_ours(case, preds, x0, mask, sigmas)
+    err = (vp(inv.start, sigmas[0]) - init).abs().max().item()
+    assert err <= ATOL, f"init_latents: max abs diff {err:.3g}"
+    assert zs.shape == inv.zs.shape
+    for k in range(case.steps):
+        err = (inv.zs[k] - zs[k]).abs().max().item()
+        assert err <= ATOL, f"zs[{k}]: max abs diff {err:.3g}"
+    if case.zero_noise_steps:
+        assert not inv.zs[case.steps - case.zero_noise_steps:].any()
+        assert inv.zs[case.steps - case.zero_noise_steps - 1].abs().max() > 0.1
+    assert len(ref) == case.steps
+    for k in range(case.steps):
+        err = (vp(ours[k], sigmas[k + 1]) - ref[k]).abs().max().item()
+        assert err <= ATOL, f"latent after edit step {k}: max abs diff {err:.3g}"
+    # model rows per edit step: never more than diffusers', fewer where a concept's window allows
+    theirs = [len(tags) * case.shape[0] for phase, k, tags in preds.calls if phase == "edit"]
+    mine = [len(tags) * case.shape[0] for phase, k, tags in preds.calls if phase == "ours-edit"]
+    assert len(theirs) == len(mine) == case.steps
+    assert all(a <= b for a, b in zip(mine, theirs))
+    return preds, inv, ours, ref, sigmas
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {"sd": R.build("sd"), "sdxl": R.build("sdxl")}
+
+
+CASES = {
+    "sd-reconstruction": Case(),
+    "sd-1-concept-defaults": Case(edits=[E()]),
+    "sd-1-step": Case(steps=1, edits=[E()]),
+    "sd-1-concept-reverse-skip-0": Case(steps=6, skip=0.0, edits=[E(scale=3.0, threshold=0.5, warmup=1,
+                                                                     reverse=True)]),
+    "sd-2-concepts-both-directions": Case(steps=5, skip=0.5, edits=[
+        E(scale=4.0, threshold=0.9, warmup=1, cooldown=4), E(scale=6.0, threshold=0.8, reverse=True)]),
+    "sd-3-concepts-windows-thresholds": Case(steps=6, skip=0.3, seed=3, edits=[
+        E(scale=2.0, threshold=0.0, warmup=0, cooldown=2), E(scale=5.0, threshold=0.95, warmup=2, reverse=True),
+        E(scale=7.0, threshold=0.9, warmup=1, cooldown=5)]),
+    "sd-cooldown-0-and-scale-0": Case(steps=4, edits=[E(cooldown=0), E(scale=0.0), E(warmup=2)]),
+    "sd-user-mask-binary": Case(steps=5, user_mask="binary", edits=[E(), E(scale=3.0, reverse=True, warmup=1)]),
+    "sd-user-mask-soft": Case(steps=4, user_mask="soft", edits=[E(threshold=0.7)]),
+    "sd-batch-2": Case(shape=(2, 4, 8, 8), steps=4, edits=[E(), E(scale=4.0, threshold=0.6, reverse=True)]),
+    "sd-non-square": Case(shape=(1, 4, 8, 12), steps=5, skip=0.2, edits=[E(warmup=1)]),
+    "sd-10-steps": Case(steps=10, skip=0.15, edits=[E(warmup=2, cooldown=8), E(scale=3.0, reverse=True)]),
+    "sdxl-reconstruction": Case(family="sdxl", steps=5),
+    "sdxl-defaults-zeroed-noise": Case(family="sdxl", steps=6, zero_noise_steps=3, edits=[E()]),
+    "sdxl-source-prompt": Case(family="sdxl", steps=6, source=True, zero_noise_steps=3, edits=[
+        E(scale=5.0, warmup=1), E(scale=3.0, threshold=0.7, reverse=True, cooldown=5)]),
+    "sdxl-source-scale-1-no-guidance": Case(family="sdxl", steps=4, source=True, source_scale=1.0, edits=[E()]),
+    "sdxl-3-concepts-user-mask": Case(family="sdxl", steps=5, skip=0.3, user_mask="binary", seed=7, edits=[
+        E(threshold=0.5), E(scale=8.0, threshold=0.95, warmup=1, reverse=True), E(scale=2.0, warmup=3)]),
+    "sdxl-non-square-skip-0": Case(family="sdxl", shape=(1, 4, 12, 8), steps=4, skip=0.0,
+                                   zero_noise_steps=1, edits=[E(warmup=1)]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_diffusers(pipes, name):
+    check(pipes, CASES[name])
+
+
+def test_rows_fewer_where_windows_allow(pipes):
+    """A concept outside its window costs diffusers a row every step; sega_core skips it."""
+    case = Case(steps=5, edits=[E(warmup=2), E(cooldown=1)])
+    preds = check(pipes, case)[0]
+    theirs = sum(len(t) for p, k, t in preds.calls if p == "edit")
+    mine = sum(len(t) for p, k, t in preds.calls if p == "ours-edit")
+    assert theirs == 5 * 3
+    assert mine == 5 + 3 + 1  # uncond every step, concept 0 at steps 2-4, concept 1 at step 0
+
+
+def test_reconstruction_ends_on_x0_prediction(pipes):
+    """Without concepts both end on the model's x0-prediction at the last step (not x0 itself)."""
+    case = Case(steps=4)
+    preds, inv, ours, ref, sigmas = check(pipes, case)
+    x0 = make_inputs(case)[0]
+    assert (ref[-1] - x0).abs().max() > 1e-2  # diffusers' reconstruction is not the photo's latent
+    assert (ours[-1] + inv.correction - x0).abs().max() <= 1e-5  # the correction closes the gap
