@@ -65,7 +65,7 @@ def runners(shape, n, steps, reference_step, with_pipeline=True, device="cpu", b
     def pack():
         m = None
         for i in range(steps):
-            edit, m = sega_step(u, torch.stack(outs), plan.rows(i), i, plan, m)
+            edit, m, _ = sega_step(u, torch.stack(outs), plan.rows(i), i, plan, m)
             last["pack"] = u + (7.5 * (t - u) + edit)
 
     def port():

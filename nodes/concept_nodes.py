@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..sega_core import Concept
+from ..sega_core import Concept, SEGAValueError
 from .concept_spec import SEGA_CONCEPTS, ConceptSpec
 from .errors import SEGAError
 from .schema import CATEGORY, schema
@@ -85,8 +85,13 @@ class SEGAConcept(io.ComfyNode):
         # Only `threshold` is named, and no **kwargs: ComfyUI skips its own min/max and option checks
         # for every input a validate_inputs takes, so edit_scale, weight, warmup, cooldown and
         # direction stay checked by ComfyUI (a shared workflow with edit_scale 1e6 is refused).
-        if not isinstance(threshold, (int, float)) or not (0.0 <= threshold < 1.0):
-            return f"SEGA Concept: threshold must be in [0, 1) (0.9 keeps the top 10%), got {threshold}."
+        # The message is sega_core's, the one the samplers give for a concept made in Python.
+        if not isinstance(threshold, (int, float)):
+            return f"SEGA Concept: threshold must be a number, got {threshold!r}."
+        try:
+            Concept(threshold=threshold).validate("SEGA Concept")
+        except SEGAValueError as e:
+            return str(e)
         return True
 
     @classmethod
@@ -94,20 +99,15 @@ class SEGAConcept(io.ComfyNode):
                 label="", concepts=None, mask=None) -> io.NodeOutput:
         if direction not in ("add", "remove"):
             raise SEGAError(f"SEGA Concept: direction must be 'add' or 'remove', got {direction!r}.")
-        chain = _chain(concepts)
-        spec = ConceptSpec(
+        # the settings are validated once, with the others, when a sampler node builds its plan
+        return io.NodeOutput(_chain(concepts) + [ConceptSpec(
             conditioning=conditioning,
             concept=Concept(scale=float(edit_scale), threshold=float(threshold), warmup=int(warmup),
                             cooldown=None if cooldown >= NEVER else int(cooldown), weight=float(weight),
                             reverse=direction == "remove"),
             label=str(label or "").strip(),
             mask=mask,
-        )
-        try:
-            spec.concept.validate(spec.describe(len(chain)))
-        except ValueError as e:
-            raise SEGAError(str(e)) from None
-        return io.NodeOutput(chain + [spec])
+        )])
 
 
 class SEGAConceptStack(io.ComfyNode):

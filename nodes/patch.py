@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 
@@ -29,7 +28,7 @@ from .concept_masks import MaskWatch, PreviewTarget
 from .concept_spec import ConceptSpec
 from .edit_files import EditRecord, save_path
 from .errors import SEGAError
-from .steps import StepClock
+from .run_scaffold import RunScaffold, RunState, WrappersMP
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +42,45 @@ class RecordSpec:
     """Save the edit of every run of this model, under this prefix in ComfyUI's output folder."""
 
     prefix: str
-_WRAPPERS = (
-    comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
-    comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE,
-    comfy.patcher_extension.WrappersMP.CALC_COND_BATCH,
-)
+
+
+@dataclass
+class RunLog:
+    """What the sampling runs of a patched model leave for the node that sampled with it: each
+    run's MaskWatch (the concepts' kept positions over that run), in order."""
+
+    watches: list = field(default_factory=list)
+
+    @property
+    def sega_took_part(self) -> bool:
+        """Whether SEGA ran in any sampling run (settings that can never edit leave no patch)."""
+        return bool(self.watches)
+
+
+class PendingStep(NamedTuple):
+    """One step's concept evaluation, handed from calc_cond_batch to the post-cfg function."""
+
+    step: int  # the step of the full schedule
+    rows: list  # the concepts evaluated (plan.rows(step), less the inactive ones)
+    inactive: list  # concepts outside their conditioning's timestep range at this step
+    outputs: list  # the denoised predictions of `rows`
+    covered: list  # per row: None (everywhere), or a bool map of where its area or mask gives a prediction
+
+
 def remove_sega(model) -> None:
     """Take any SEGA patch off a (cloned) ModelPatcher."""
-    for kind in _WRAPPERS:
-        model.remove_wrappers_with_key(kind, KEY)
-    post = model.model_options.get("sampler_post_cfg_function")
-    if post:
-        model.model_options["sampler_post_cfg_function"] = [f for f in post if not hasattr(f, "sega_patch")]
+    _Patch.remove_from(model)
 
 
 def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momentum_beta: float,
                node: str = "SEGA Apply", start_at_step: int = 0, preview: Optional[PreviewTarget] = None,
-               masks_out: Optional[list] = None):
+               log_to: Optional[RunLog] = None):
     """A clone of `model` that samples with SEGA. Inert settings return an unpatched clone.
 
-    preview: the SEGA node on which the page draws each concept's kept positions while sampling
-    (sent only when the client that queued the prompt is connected). masks_out: a list to which
-    each sampling run appends its MaskWatch (the concepts' kept positions over the run).
+    The settings are validated here, once (Plan.build), with a message naming `node`, the concept
+    and the setting. preview: the SEGA node on which the page draws each concept's kept positions
+    while sampling (sent only when the client that queued the prompt is connected). log_to: a
+    RunLog to which each sampling run adds its MaskWatch.
 
     start_at_step: the step of the full schedule at which this model's sampling runs start, for a
     run split across samplers (KSamplerAdvanced's start_at_step): warm-up and cool-down then count
@@ -72,11 +88,10 @@ def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momen
     workflow says it.
     """
     try:
-        for i, spec in enumerate(specs):
-            spec.concept.validate(spec.describe(i))
-        plan = Plan.build([s.concept for s in specs], momentum_scale, momentum_beta)
+        plan = Plan.build([s.concept for s in specs], momentum_scale, momentum_beta,
+                          names=[s.describe(i) for i, s in enumerate(specs)], where=node)
     except SEGAValueError as e:
-        raise SEGAError(f"{node}: {e}") from None
+        raise SEGAError(str(e)) from None
     m = model.clone()
     remove_sega(m)
     if plan.inert:
@@ -84,55 +99,49 @@ def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momen
         return m
     if start_at_step < 0:
         raise SEGAError(f"{node}: start_at_step must be >= 0, got {start_at_step}.")
-    patch = _Patch(list(specs), plan, node, int(start_at_step), preview, masks_out)
-    m.add_wrapper_with_key(_WRAPPERS[0], KEY, patch.outer_sample)
-    m.add_wrapper_with_key(_WRAPPERS[1], KEY, patch.sampler_sample)
-    m.add_wrapper_with_key(_WRAPPERS[2], KEY, patch.calc_cond_batch)
-
-    def post_cfg(args):
-        return patch.post_cfg(args)
-
-    post_cfg.sega_patch = patch
-    # the concepts are measured against the unconditional prediction, so it must be computed at cfg 1
-    m.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
+    _Patch(list(specs), plan, node, int(start_at_step), preview, log_to).install(m)
     return m
 
 
-class _Patch:
+class _Patch(RunScaffold):
     """The settings of one SEGA patch; holds no per-run state."""
 
+    KEY = KEY
+    RUN_KEY = RUN_KEY
+    POST_CFG_MARK = "sega_patch"
+    # the concepts are measured against the unconditional prediction, so it must be computed at cfg 1
+    DISABLE_CFG1 = True
+
     def __init__(self, specs: list, plan: Plan, node: str, start_at_step: int = 0,
-                 preview: Optional[PreviewTarget] = None, masks_out: Optional[list] = None):
+                 preview: Optional[PreviewTarget] = None, log_to: Optional[RunLog] = None):
         self.specs = specs
         self.plan = plan
         self.node = node
         self.start_at_step = start_at_step  # the full schedule's step at which each run starts
         self.preview = preview  # the node the page draws the kept positions on
-        self.masks_out = masks_out  # the caller's list for each run's MaskWatch
+        self.log_to = log_to  # the caller's RunLog
+
+    def wrappers(self) -> dict:
+        return {**super().wrappers(), WrappersMP.CALC_COND_BATCH: self.calc_cond_batch}
 
     # -- OUTER_SAMPLE: concepts into the guider, a fresh run state --------------------------
-    def outer_sample(self, executor, *args, **kwargs):
-        guider = executor.class_obj
-        noise, sigmas = args[0], args[3]
+    def start_run(self, guider, noise: torch.Tensor, sigmas: torch.Tensor) -> "_Run":
         keys = self._add_concepts(guider, noise.shape[0])
         run = _Run(self, guider, keys, sigmas)
-        record = guider.model_options.get(RECORD_KEY)
-        if record is not None:
+        run.record = guider.model_options.get(RECORD_KEY)
+        if run.record is not None:
             run.recording = EditRecord(terms={}, sigmas=run.sigmas, shape=list(noise.shape), settings=self.settings())
         labels = [s.label or f"#{i + 1}" for i, s in enumerate(self.specs)]
-        run.watch = MaskWatch.for_run(labels, self.preview, self.masks_out is not None)
-        guider.model_options[RUN_KEY] = run
-        try:
-            out = executor(*args, **kwargs)
-        finally:
-            guider.model_options.pop(RUN_KEY, None)
+        run.watch = MaskWatch.for_run(labels, self.preview, self.log_to is not None)
+        return run
+
+    def finish_run(self, run: "_Run", out: torch.Tensor) -> None:
         run.check_finite(out)
-        if self.masks_out is not None:
-            self.masks_out.append(run.watch)
-        if record is not None:
-            path = run.recording.save(save_path(record.prefix))
+        if self.log_to is not None:
+            self.log_to.watches.append(run.watch)
+        if run.record is not None:
+            path = run.recording.save(save_path(run.record.prefix))
             log.info("SEGA Save Edit: saved the edit of %d steps to %s", len(run.recording.terms), path)
-        return out
 
     def settings(self) -> dict:
         """The SEGA settings of this patch, as saved with a recorded edit."""
@@ -186,18 +195,10 @@ class _Patch:
             keys.append(key)
         return keys
 
-    # -- SAMPLER_SAMPLE: the schedule, and a step counter on the sampler's callback ------
-    def sampler_sample(self, executor, model_wrap, sigmas, extra_args, callback, *args, **kwargs):
-        run = extra_args.get("model_options", {}).get(RUN_KEY)
-        if run is not None and run.patch is self:
-            run.clock.set_schedule(sigmas, executor.class_obj)
-            callback = run.clock.wrap_callback(callback)
-        return executor(model_wrap, sigmas, extra_args, callback, *args, **kwargs)
-
     # -- CALC_COND_BATCH: concept rows in the main evaluation ------------------------------
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
-        run = model_options.get(RUN_KEY)
-        if (run is None or run.patch is not self or len(conds) != 2 or conds[1] is None
+        run = self.run_of(model_options)
+        if (run is None or len(conds) != 2 or conds[1] is None
                 or conds[0] is not run.guider.conds.get("positive")):
             # another node's own evaluation (PAG's, say): leave it alone
             return executor(model, conds, x_in, timestep, model_options)
@@ -208,19 +209,16 @@ class _Patch:
         extra = [run.guider.conds[run.keys[c]] for c in rows]
         out = executor(model, list(conds) + extra, x_in, timestep, model_options)
         covered = [run.coverage(c, x_in, timestep) for c in rows]
-        run.pending = (step, rows, inactive, out[2:], covered)
+        run.pending = PendingStep(step, rows, inactive, out[2:], covered)
         return out[:2]
 
     # -- post-cfg: the edit, in noise space -------------------------------------------------
-    def post_cfg(self, args):
-        denoised = args["denoised"]
-        run = args["model_options"].get(RUN_KEY)
-        if run is None or run.patch is not self or run.pending is None:
-            return denoised
+    def edit(self, run: "_Run", args: dict, sigma: torch.Tensor) -> Optional[torch.Tensor]:
+        if run.pending is None:
+            return None
         step, rows, inactive, outs, covered = run.pending
         run.pending = None
         x = args["input"]
-        sigma = args["sigma"].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
         uncond_denoised = args["uncond_denoised"]
         # where a concept's area or mask leaves the latent uncovered, ComfyUI returns zeros:
         # there the concept makes no edit (its prediction is taken to be the unconditional one)
@@ -232,26 +230,22 @@ class _Patch:
         user_masks = run.masks_for(x)
         local = step - self.start_at_step  # recorded edits are indexed by the run's own schedule
         watch = run.watch
-        if watch is not None and watch.wants(local, run.clock.steps, run.first_call):
-            edit, momentum, kept = sega_step(uncond, preds, rows, step, self.plan, entering, inactive, user_masks,
-                                             return_kept=True)
-            self._watch(watch, local, run.clock.steps, step, rows, inactive, kept, covered, user_masks)
-        else:
-            edit, momentum = sega_step(uncond, preds, rows, step, self.plan, entering, inactive, user_masks)
-        run.after_step(momentum, uncond, preds, edit)
+        wants_kept = watch is not None and watch.wants(local, run.clock.steps, run.first_call)
+        # the one place where the concepts' predictions become the edit
+        result = sega_step(uncond, preds, rows, step, self.plan, entering, inactive, user_masks,
+                           return_kept=wants_kept)
+        if wants_kept:
+            self._watch(watch, local, run.clock.steps, step, rows, inactive, result.kept, covered, user_masks)
+        edit = result.edit
+        run.after_step(result.momentum, uncond, preds, edit)
         if run.recording is not None and edit is not None and local not in run.recording.terms:
             run.recording.terms[local] = edit.detach().clone()
-        if edit is None:
-            return denoised
-        return denoised - sigma * edit
+        return edit
 
     def _watch(self, watch, local, steps, step, rows, inactive, kept, covered, user_masks) -> None:
         """Hands one step's kept positions to the run's MaskWatch, limited to where each concept
         can act (its area or conditioning mask, and its SEGA Concept mask)."""
-        plan = self.plan
-        warmed = plan.warmed(step)
-        active = [warmed[c] and step < plan.cooldown[c] and c not in inactive and plan.weight[c] > 0.0
-                  for c in range(len(plan))]
+        active = self.plan.acts(step, inactive)
         weights = []
         for k, c in enumerate(rows):
             if kept is not None and covered[k] is not None:
@@ -261,21 +255,21 @@ class _Patch:
         watch.add(local, steps, rows, active, kept, weights)
 
 
-class _Run:
-    """State of one sampling run: lives in that run's model_options and dies with it."""
+class _Run(RunState):
+    """State of one SEGA sampling run: lives in that run's model_options and dies with it."""
 
     def __init__(self, patch: _Patch, guider, keys: list, sigmas: torch.Tensor):
-        self.patch = patch
+        super().__init__(patch, sigmas)
         self.guider = guider
         self.keys = keys
-        self.clock = StepClock(sigmas)
-        self.pending = None  # (step, rows, inactive, concept outputs, coverage) for post-cfg
+        self.pending: Optional[PendingStep] = None  # from calc_cond_batch to post-cfg
         self.step = None  # the step whose momentum is being formed
         self.momentum = None  # momentum entering self.step
         self.next_momentum = None
         self.first_call = False
         self.bad = []  # (step, what) device flags, read once after sampling
-        self.recording = None  # EditRecord when the model went through SEGA Save Edit
+        self.record = None  # RecordSpec when the model went through SEGA Save Edit
+        self.recording = None  # the EditRecord it fills
         self._masks = None  # (shape, device, dtype, masks) of the concepts' user masks, once resized
         self.watch = None  # MaskWatch when a preview or the concept_masks output wants the kept positions
 

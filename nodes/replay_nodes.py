@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Optional
 
-import comfy.patcher_extension
+import torch
 from comfy_api.latest import io
 
 from .edit_files import EditRecord, list_edit_files, resolve_edit_file
 from .errors import SEGAError
 from .patch import RECORD_KEY, RecordSpec
+from .run_scaffold import RunScaffold, RunState
 from .schema import CATEGORY, schema
-from .steps import StepClock
 
 log = logging.getLogger(__name__)
 KEY = "sega_replay"
@@ -80,30 +81,26 @@ class SEGAReplayEdit(io.ComfyNode):
             raise SEGAError(f"SEGA Replay Edit: strength must be a finite number, got {strength}.")
         record = EditRecord.load(resolve_edit_file(edit_file))
         m = model.clone()
-        m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY)
-        m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, KEY)
+        _Replay.remove_from(m)
         if strength == 0:
             return io.NodeOutput(m)
-        replay = _Replay(record, float(strength), edit_file)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, replay.outer_sample)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, KEY, replay.sampler_sample)
-
-        def post_cfg(args):
-            return replay.post_cfg(args)
-
-        m.set_model_sampler_post_cfg_function(post_cfg)
+        _Replay(record, float(strength), edit_file).install(m)
         return io.NodeOutput(m)
 
 
-class _Replay:
+class _Replay(RunScaffold):
+    """A saved edit, added at every step of a run (a newer replay on the model replaces it)."""
+
+    KEY = KEY
+    RUN_KEY = RUN_KEY
+    POST_CFG_MARK = "sega_replay"
+
     def __init__(self, record: EditRecord, strength: float, name: str):
         self.record = record
         self.strength = strength
         self.name = name
 
-    def outer_sample(self, executor, *args, **kwargs):
-        guider = executor.class_obj
-        noise, sigmas = args[0], args[3]
+    def start_run(self, guider, noise: torch.Tensor, sigmas: torch.Tensor) -> RunState:
         steps, recorded = len(sigmas.flatten()) - 1, len(self.record.sigmas) - 1
         if steps != recorded:
             raise SEGAError(f"SEGA Replay Edit: {self.name} holds {recorded} steps but this run has {steps}; "
@@ -112,26 +109,8 @@ class _Replay:
         if shape[1:] != saved[1:] or saved[0] not in (1, shape[0]):
             raise SEGAError(f"SEGA Replay Edit: {self.name} was recorded on a latent of shape {saved}, this run's "
                             f"is {shape}; use the same size (one recorded image replays on any batch).")
-        guider.model_options[RUN_KEY] = (self, StepClock(sigmas))
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            guider.model_options.pop(RUN_KEY, None)
+        return RunState(self, sigmas)
 
-    def sampler_sample(self, executor, model_wrap, sigmas, extra_args, callback, *args, **kwargs):
-        run = extra_args.get("model_options", {}).get(RUN_KEY)
-        if run is not None and run[0] is self:
-            run[1].set_schedule(sigmas, executor.class_obj)
-            callback = run[1].wrap_callback(callback)
-        return executor(model_wrap, sigmas, extra_args, callback, *args, **kwargs)
-
-    def post_cfg(self, args):
-        denoised = args["denoised"]
-        run = args["model_options"].get(RUN_KEY)
-        if run is None or run[0] is not self:
-            return denoised
-        edit = self.record.term(run[1].step_for(args["sigma"]), denoised)
-        if edit is None:
-            return denoised
-        sigma = args["sigma"].reshape(-1, *([1] * (denoised.dim() - 1))).to(denoised.dtype)
-        return denoised - sigma * (self.strength * edit)
+    def edit(self, run: RunState, args: dict, sigma: torch.Tensor) -> Optional[torch.Tensor]:
+        edit = self.record.term(run.clock.step_for(args["sigma"]), args["denoised"])
+        return None if edit is None else self.strength * edit

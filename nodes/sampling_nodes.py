@@ -7,10 +7,10 @@ import comfy.samplers
 import nodes as comfy_nodes
 from comfy_api.latest import io
 
-from .concept_masks import MaskWatch, preview_target
+from .concept_masks import preview_target
 from .concept_nodes import Concepts, _chain
 from .errors import SEGAError
-from .patch import apply_sega
+from .patch import RunLog, apply_sega
 from .schema import CATEGORY, schema
 
 
@@ -159,24 +159,24 @@ class SEGAKSampler(io.ComfyNode):
         # Always gathered (a few small tensor operations per step): ComfyUI caches a node's outputs by its
         # inputs, not by what is linked to them, so masks skipped while unlinked would stay empty when
         # the output is linked later.
-        runs = []
+        runs = RunLog()
         patched = apply_sega(model, specs, momentum_scale, momentum_beta, "SEGA KSampler",
-                             preview=preview_target(cls.hidden), masks_out=runs)
+                             preview=preview_target(cls.hidden), log_to=runs)
         out = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                           latent_image, denoise=denoise)
         # a run SEGA took part in has checked its result already (and named the step and the cause)
-        if not runs and not bool(torch.isfinite(out[0]["samples"]).all()):
+        if not runs.sega_took_part and not bool(torch.isfinite(out[0]["samples"]).all()):
             raise SEGAError("SEGA KSampler: sampling gave NaN or inf. Check the model (fp16 overflow?) and "
                             "lower cfg or the concepts' edit_scale.")
         return io.NodeOutput(out[0], _concept_masks(model, specs, latent_image["samples"], runs))
 
 
-def _concept_masks(model, specs: list, latent, runs):
+def _concept_masks(model, specs: list, latent, runs: RunLog):
     """SEGA KSampler's concept_masks: (concepts x batch, H, W) at image size."""
     ratio = getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", 8)
     size = (latent.shape[-2] * ratio, latent.shape[-1] * ratio)
     batch = latent.shape[0]
-    watch = next((w for w in runs if isinstance(w, MaskWatch)), None)
+    watch = next((w for w in runs.watches if w is not None), None)
     if watch is None:  # no concepts, or settings that never edit
         return torch.zeros(max(1, len(specs)) * batch, *size)
     return watch.result(batch, size)

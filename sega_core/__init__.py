@@ -4,7 +4,8 @@ Nothing here imports ComfyUI: a host converts its own conventions (denoised
 predictions, sigma schedules, conditioning formats) at its boundary and calls
 these functions with noise-space predictions.
 """
-from .concepts import Concept, Plan, SEGAValueError
-from .guidance import sega_step, threshold_edit, quantile_threshold
+from .concepts import Concept, Plan, SEGAValueError, concept_acts
+from .guidance import StepResult, sega_step, threshold_edit, quantile_threshold
 
-__all__ = ["Concept", "Plan", "SEGAValueError", "sega_step", "threshold_edit", "quantile_threshold"]
+__all__ = ["Concept", "Plan", "SEGAValueError", "StepResult", "concept_acts", "sega_step", "threshold_edit",
+           "quantile_threshold"]

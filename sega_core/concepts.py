@@ -10,6 +10,16 @@ class SEGAValueError(ValueError):
     """A SEGA setting is out of range. The message names the setting and the fix."""
 
 
+def concept_acts(step: int, warmup: int, cooldown: float, scale: float = 1.0, weight: float = 1.0) -> bool:
+    """Whether a concept edits the image at sampler step `step` (0-based): from its warm-up step up
+    to, not including, its cool-down step, with a non-zero scale and a positive weight.
+
+    The one definition of a concept's steps: Plan.acts, Plan.rows and sega_step use it, and
+    js/sega_window.js mirrors it for the SEGA Concept node's label (a test compares the two).
+    """
+    return warmup <= step < cooldown and scale != 0.0 and weight > 0.0
+
+
 @dataclass(frozen=True)
 class Concept:
     """One editing concept's settings, with the paper's defaults (Sec. 3, App. D).
@@ -61,13 +71,16 @@ class Plan:
     momentum_beta: float = 0.4  # beta_m
 
     @classmethod
-    def build(cls, concepts: Sequence[Concept], momentum_scale: float = 0.1, momentum_beta: float = 0.4) -> "Plan":
+    def build(cls, concepts: Sequence[Concept], momentum_scale: float = 0.1, momentum_beta: float = 0.4,
+              names: Optional[Sequence[str]] = None, where: str = "SEGA") -> "Plan":
+        """The plan of `concepts`, validated here and only here: a bad setting raises SEGAValueError
+        naming `where` (the node), the concept (names[i], else its position) and the setting."""
         if not math.isfinite(momentum_scale):
-            raise SEGAValueError(f"SEGA: momentum_scale must be finite, got {momentum_scale}.")
+            raise SEGAValueError(f"{where}: momentum_scale must be finite, got {momentum_scale}.")
         if not (0.0 <= momentum_beta <= 1.0):
-            raise SEGAValueError(f"SEGA: momentum_beta must be in [0, 1], got {momentum_beta}.")
-        for c in concepts:
-            c.validate()
+            raise SEGAValueError(f"{where}: momentum_beta must be in [0, 1], got {momentum_beta}.")
+        for i, c in enumerate(concepts):
+            c.validate(f"{where}: {names[i] if names is not None else f'concept #{i + 1}'}")
         return cls(
             signed_scale=tuple(-float(c.scale) if c.reverse else float(c.scale) for c in concepts),
             threshold=tuple(float(c.threshold) for c in concepts),
@@ -90,16 +103,24 @@ class Plan:
         """Concepts past their warm-up at `step` (cooled-down ones included, as in the reference)."""
         return [step >= w for w in self.warmup]
 
+    def acts(self, step: int, inactive: Sequence[int] = ()) -> list:
+        """Per concept: whether it edits the image at `step` (concept_acts), and is not `inactive`
+        (e.g. outside its conditioning's timestep range)."""
+        return [concept_acts(step, self.warmup[c], self.cooldown[c], self.signed_scale[c], self.weight[c])
+                and c not in inactive for c in range(len(self))]
+
     def rows(self, step: int) -> list:
         """Indices of the concepts whose predictions `sega_step` needs at `step`.
 
         A concept is left out when its edit is zero this step: cooled down, scale 0 or
         weight 0; and before its warm-up when momentum is off (its edit would only feed
-        a momentum that is never applied). The result equals computing every concept.
+        a momentum that is never applied). With momentum on, a concept feeds the momentum
+        from step 0, so it is needed as if its warm-up were 0. The result equals computing
+        every concept.
         """
         use_momentum = self.momentum_scale != 0.0
         return [
             c for c in range(len(self))
-            if step < self.cooldown[c] and self.signed_scale[c] != 0.0 and self.weight[c] > 0.0
-            and (step >= self.warmup[c] or use_momentum)
+            if concept_acts(step, 0 if use_momentum else self.warmup[c], self.cooldown[c], self.signed_scale[c],
+                            self.weight[c])
         ]

@@ -14,11 +14,11 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .concepts import Plan
+from .concepts import Plan, concept_acts
 
 # The histogram selection is used on the CPU for rows of at least this many elements, in blocks
 # of at least _HISTOGRAM_MIN_BLOCK: below that its fixed cost outweighs kthvalue (measured with
@@ -263,6 +263,14 @@ def _weighted_sum(weights: Sequence[float], d: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(_constant(tuple(weights), d.dtype, d.device), d, dims=1)
 
 
+class StepResult(NamedTuple):
+    """What `sega_step` returns, whether or not the kept positions were asked for."""
+
+    edit: Optional[torch.Tensor]  # added to the CFG noise prediction; None for no edit this step
+    momentum: Optional[torch.Tensor]  # the momentum entering the next step
+    kept: Optional[torch.Tensor] = None  # with return_kept: the entries each concept's threshold keeps
+
+
 def sega_step(
     uncond: torch.Tensor,
     concept_preds: Optional[torch.Tensor],
@@ -273,7 +281,7 @@ def sega_step(
     inactive: Sequence[int] = (),
     masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
     return_kept: bool = False,
-):
+) -> StepResult:
     """SEGA's edit for one sampler step, and the momentum after it.
 
     uncond:        (B, C, ...) unconditional noise prediction.
@@ -290,15 +298,17 @@ def sega_step(
     return_kept:   also return `kept`, a bool tensor (len(rows), B, C, ...): the entries each
                    concept's threshold keeps (Eq. 5, before any mask), or None when `rows` is
                    empty. Costs one extra copy of the mask; off, nothing extra is computed.
-    Returns (edit, momentum'), or (edit, momentum', kept) with return_kept: edit is added to the
-    CFG noise prediction (eps = u + s_g (t - u) + edit), or None for no edit this step.
+    Returns a StepResult (edit, momentum', kept): edit is added to the CFG noise prediction
+    (eps = u + s_g (t - u) + edit), or None for no edit this step; kept is None without return_kept.
 
     Matches diffusers' SemanticStableDiffusionPipeline step for step, except that
     warmed-up concepts whose weights are all zero give no edit (the reference divides
     0 by 0 and returns NaN) and thresholds are always computed in float32.
     """
     n = len(plan)
-    live = [step < plan.cooldown[c] and c not in inactive for c in range(n)]
+    # as in the reference, a concept counts with its weight from step 0 until its cool-down, whatever
+    # its scale: the warm-up only decides which edit (total or partial) is applied
+    live = [concept_acts(step, 0, plan.cooldown[c]) and c not in inactive for c in range(n)]
     warmed = plan.warmed(step)
     n_warm = sum(warmed)
     total = None
@@ -332,4 +342,4 @@ def sega_step(
     else:
         new_momentum = torch.add(beta * momentum, total, alpha=1 - beta)  # Eq. 8
     edit = total if n > 0 and n_warm == n else partial
-    return (edit, new_momentum, kept) if return_kept else (edit, new_momentum)
+    return StepResult(edit, new_momentum, kept)

@@ -136,7 +136,7 @@ def run_ours(case: Case, u, t, e, rows_of=None):
     for i in range(case.steps):
         rows = plan.rows(i) if rows_of is None else rows_of(plan, i)
         preds = e[i][rows] if rows else None
-        edit, m = sega_step(u[i], preds, rows, i, plan, m)
+        edit, m, _ = sega_step(u[i], preds, rows, i, plan, m)
         guidance = case.guidance_scale * (t[i] - u[i])
         out.append(u[i] + (guidance if edit is None else guidance + edit))
         edits.append(edit)

@@ -165,7 +165,7 @@ def test_more_than_2_pow_24_elements_per_channel():
     del signs
     q = 0.9
     plan = Plan.build([Concept(scale=1.0, threshold=q, warmup=0)], momentum_scale=0.0)
-    edit, _ = sega_step(torch.zeros(1, 1, n), concept, plan.rows(0), 0, plan, None)
+    edit = sega_step(torch.zeros(1, 1, n), concept, plan.rows(0), 0, plan, None).edit
 
     # Sort-based quantile: the sorted |edit| is float32(arange(n)) by construction.
     sorted_abs = torch.arange(n, dtype=torch.float32)
@@ -198,7 +198,7 @@ def test_half_precision_thresholded_in_float32(helpers, dtype, next_after_one):
     edit_in = values.view(1, 1, 1, n, 1)  # (K, B, C, H, W) with uncond 0 and scale 1
     concepts = [Concept(scale=1.0, threshold=q, warmup=0)]
     plan = Plan.build(concepts, momentum_scale=0.0)
-    edit, _ = sega_step(torch.zeros(1, 1, n, 1, dtype=dtype), edit_in, plan.rows(0), 0, plan, None)
+    edit = sega_step(torch.zeros(1, 1, n, 1, dtype=dtype), edit_in, plan.rows(0), 0, plan, None).edit
     assert edit.dtype == dtype
     t32 = torch.quantile(values.float(), q)
     assert 1.0 < t32 < next_after_one and float(t32.to(dtype)) == 1.0
@@ -241,7 +241,7 @@ for info in pkgutil.walk_packages(sega_core.__path__, "sega_core."):
 from sega_core import Concept, Plan, sega_step
 import torch
 plan = Plan.build([Concept(warmup=0)])
-edit, m = sega_step(torch.zeros(1, 4, 2, 2), torch.randn(1, 1, 4, 2, 2), plan.rows(0), 0, plan, None)
+edit, m, _ = sega_step(torch.zeros(1, 4, 2, 2), torch.randn(1, 1, 4, 2, 2), plan.rows(0), 0, plan, None)
 assert edit is not None and m is not None
 try:
     import comfy
@@ -292,7 +292,7 @@ def test_half_precision_per_concept_scales_are_not_rounded(dtype):
     e = (u.float().unsqueeze(0) + torch.randn(2, 1, 4, 8, 8, generator=g)).to(dtype)
     plan = Plan.build([Concept(scale=5.3, threshold=0.0, warmup=0), Concept(scale=2.0, threshold=0.0, warmup=0)],
                       momentum_scale=0.0)
-    edit, _ = sega_step(u, e, plan.rows(0), 0, plan, None)
+    edit = sega_step(u, e, plan.rows(0), 0, plan, None).edit
     d = e - u.unsqueeze(0)
     scaled = torch.stack([d[0] * 5.3, d[1] * 2.0])  # a Python float: one rounding
     assert not torch.equal(scaled[0], d[0] * torch.tensor(5.3, dtype=dtype))  # the rounded scale differs

@@ -23,7 +23,7 @@ def _run_on(device, case, u, t, e):
     for i in range(case.steps):
         rows = plan.rows(i)
         preds = e[i][rows].to(device) if rows else None
-        edit, m = sega_step(u[i].to(device), preds, rows, i, plan, m)
+        edit, m, _ = sega_step(u[i].to(device), preds, rows, i, plan, m)
         assert edit is None or edit.device.type == torch.device(device).type
         guidance = case.guidance_scale * (t[i] - u[i]).to(device)
         ours.append((u[i].to(device) + (guidance if edit is None else guidance + edit)).cpu())
@@ -57,7 +57,7 @@ def test_cuda_equals_cpu(shape, dtype):
         m, out = None, []
         for i in range(4):
             rows = plan.rows(i)
-            edit, m = sega_step(u[i].to(device), e[i][rows].to(device), rows, i, plan, m)
+            edit, m, _ = sega_step(u[i].to(device), e[i][rows].to(device), rows, i, plan, m)
             out.append(edit.cpu())
         results[str(device)] = torch.stack(out)
     cpu, gpu = results["cpu"], results[str(CUDA)]
@@ -85,7 +85,7 @@ def test_no_host_sync_in_a_step():
         sega_step(*args, masks=masks)  # warm-up: constants are copied once
         torch.cuda.set_sync_debug_mode("error")
         try:
-            edit, m = sega_step(*args, masks=masks)
+            edit, m, _ = sega_step(*args, masks=masks)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(edit).all()

@@ -21,9 +21,9 @@ def test_sega_core_follows_its_inputs_device():
     got, momentum = None, None
     with torch.device("meta"):
         for step in range(3):
-            got, momentum = sega_step(u, e, [0, 1], step, plan, momentum, masks=[mask, None])
+            got, momentum, _ = sega_step(u, e, [0, 1], step, plan, momentum, masks=[mask, None])
     assert got.device == u.device and momentum.device == u.device
     expected, momentum = None, None
     for step in range(3):
-        expected, momentum = sega_step(u, e, [0, 1], step, plan, momentum, masks=[mask, None])
+        expected, momentum, _ = sega_step(u, e, [0, 1], step, plan, momentum, masks=[mask, None])
     torch.testing.assert_close(got, expected)

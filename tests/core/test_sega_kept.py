@@ -32,7 +32,7 @@ def test_kept_is_the_threshold_mask_and_changes_nothing_else(thresholds):
     plan = Plan.build(concepts, momentum_scale=0.2)
     u, e = preds(1, len(concepts))
     m0 = 0.1 * torch.randn(SHAPE)
-    edit, momentum = sega_step(u, e, [0, 1], 3, plan, m0)
+    edit, momentum, _ = sega_step(u, e, [0, 1], 3, plan, m0)
     edit2, momentum2, kept = sega_step(u, e, [0, 1], 3, plan, m0, return_kept=True)
     assert torch.equal(edit, edit2) and torch.equal(momentum, momentum2)
     assert kept.dtype == torch.bool and kept.shape == (2, *SHAPE)

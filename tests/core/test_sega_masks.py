@@ -27,7 +27,7 @@ def run(plan, masks, steps=4, seed=0, shape=SHAPE):
     for step in range(steps):
         u, e = preds(seed + step, len(plan), shape)
         rows = list(range(len(plan)))
-        edit, momentum = sega_step(u, e, rows, step, plan, momentum, masks=masks)
+        edit, momentum, _ = sega_step(u, e, rows, step, plan, momentum, masks=masks)
         edits.append(edit)
     return edits
 
@@ -35,9 +35,9 @@ def run(plan, masks, steps=4, seed=0, shape=SHAPE):
 def test_mask_multiplies_the_thresholded_edit():
     plan = Plan.build([Concept(warmup=0, threshold=0.8)], momentum_scale=0.0)
     u, e = preds(0, 1)
-    full, _ = sega_step(u, e, [0], 0, plan, None)
+    full = sega_step(u, e, [0], 0, plan, None).edit
     mask = left_half()
-    masked, _ = sega_step(u, e, [0], 0, plan, None, masks=[mask])
+    masked = sega_step(u, e, [0], 0, plan, None, masks=[mask]).edit
     torch.testing.assert_close(masked, full * mask)
     assert masked[..., :3].abs().max() > 0
 
@@ -66,9 +66,9 @@ def test_only_the_masked_concept_is_limited():
 def test_feathered_mask_scales_the_edit():
     plan = Plan.build([Concept(warmup=0, threshold=0.0)], momentum_scale=0.0)
     u, e = preds(1, 1)
-    full, _ = sega_step(u, e, [0], 0, plan, None)
+    full = sega_step(u, e, [0], 0, plan, None).edit
     ramp = torch.linspace(0, 1, SHAPE[-1]).view(1, 1, 1, -1)
-    soft, _ = sega_step(u, e, [0], 0, plan, None, masks=[ramp])
+    soft = sega_step(u, e, [0], 0, plan, None, masks=[ramp]).edit
     torch.testing.assert_close(soft, full * ramp)
 
 

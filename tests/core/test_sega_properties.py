@@ -115,7 +115,7 @@ def execute(run: Run, every_live: bool = False):
     for i in range(run.steps):
         rows = [c for c in range(len(plan)) if i < plan.cooldown[c]] if every_live else plan.rows(i)
         preds = run.e[i][rows] if rows else None
-        edit, momentum = sega_step(run.u[i], preds, rows, i, plan, momentum, inactive=run.inactive[i],
+        edit, momentum, _ = sega_step(run.u[i], preds, rows, i, plan, momentum, inactive=run.inactive[i],
                                    masks=run.masks)
         out.append((edit, momentum))
     return out

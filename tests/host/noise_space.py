@@ -63,7 +63,7 @@ def replay(calls, steps, plan, cfg, masks=None, offset=0, rtol=1e-5, atol=1e-5):
         assert len(concept_d) == len(rows), f"step {step}: {len(concept_d)} concept rows, expected {rows}"
         preds = torch.stack([eps_of(x, sigma, d) for d in concept_d]) if rows else None
         kwargs = {} if masks is None else {"masks": [None if m is None else m.to(x) for m in masks]}
-        edit, new_momentum = core.sega_step(eps_of(x, sigma, uncond_d), preds, rows, step, plan, entering, **kwargs)
+        edit, new_momentum, _ = core.sega_step(eps_of(x, sigma, uncond_d), preds, rows, step, plan, entering, **kwargs)
         if first:
             momentum, first = new_momentum, False
         expected = uncond_d + (cond_d - uncond_d) * cfg

@@ -25,11 +25,12 @@ def model():
 
 
 def sample_with_masks(model, concepts, batch=2, momentum_scale=0.1):
-    runs = []
-    patched = pack_module("nodes.patch").apply_sega(model, concepts, momentum_scale, 0.4, masks_out=runs)
+    patch = pack_module("nodes.patch")
+    runs = patch.RunLog()
+    patched = patch.apply_sega(model, concepts, momentum_scale, 0.4, log_to=runs)
     out, calls, steps = sample_recorded(patched, POS, NEG, torch.zeros(batch, *FAM.latent), steps=STEPS, cfg=CFG)
-    assert len(runs) == 1 and runs[0] is not None
-    return runs[0], calls, steps
+    assert runs.sega_took_part and len(runs.watches) == 1 and runs.watches[0] is not None
+    return runs.watches[0], calls, steps
 
 
 def expected_fractions(calls, steps, plan, weights=None):
@@ -81,7 +82,7 @@ def test_image_size_and_concept_mask(model):
 
 
 def test_nothing_is_gathered_or_sent_without_a_consumer(model):
-    """In-process (no ComfyUI server) and with no masks_out, a run has no MaskWatch: the plain path."""
+    """In-process (no ComfyUI server) and with no RunLog, a run has no MaskWatch: the plain path."""
     masks = pack_module("nodes.concept_masks")
     assert masks.connected_server() is None
     target = masks.PreviewTarget("8", "8")

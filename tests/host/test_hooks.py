@@ -98,7 +98,7 @@ def test_edit_is_sega_core_in_noise_space(model, prompts):
         assert len(concept_d) == len(rows)
         eps = lambda d: (x - d) / sigma  # noqa: E731
         preds = torch.stack([eps(d) for d in concept_d]) if rows else None
-        edit, momentum = core.sega_step(eps(uncond_d), preds, rows, step, plan, momentum)
+        edit, momentum, _ = core.sega_step(eps(uncond_d), preds, rows, step, plan, momentum)
         cfg_denoised = uncond_d + (cond_d - uncond_d) * 6.0
         expected = cfg_denoised if edit is None else cfg_denoised - sigma * edit
         torch.testing.assert_close(call["final"], expected, rtol=1e-5, atol=1e-5)
@@ -163,7 +163,7 @@ def test_momentum_advances_once_per_step_with_heun(model, prompts):
         x, sigma = call["x"], call["sigma"].view(-1, 1, 1, 1)
         cond_d, uncond_d, *concept_d = call["out"]
         eps = lambda d: (x - d) / sigma  # noqa: E731
-        edit, new_m = core.sega_step(eps(uncond_d), torch.stack([eps(d) for d in concept_d]), [0], step, plan,
+        edit, new_m, _ = core.sega_step(eps(uncond_d), torch.stack([eps(d) for d in concept_d]), [0], step, plan,
                                      entering)
         if first:
             momentum, first = new_m, False
