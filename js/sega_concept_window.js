@@ -1,20 +1,11 @@
 // SEGA: shows on each SEGA Concept node the steps in which it acts (warm-up .. cool-down).
 // Drawn on the canvas only: adds no widget and nothing to saved workflows or prompts.
 import { app } from "../../scripts/app.js";
+import { windowText } from "./sega_window.js";
 
-const NEVER = 10000; // the cooldown default: never stops
-
-function windowText(node) {
-  const value = (name) => node.widgets?.find((w) => w.name === name)?.value;
-  const scale = Number(value("edit_scale"));
-  const weight = Number(value("weight"));
-  const warmup = Number(value("warmup"));
-  const cooldown = Number(value("cooldown"));
-  if (!Number.isFinite(warmup) || !Number.isFinite(cooldown)) return null;
-  if (scale === 0 || weight === 0) return "off";
-  if (cooldown <= warmup) return "never acts";
-  const end = cooldown >= NEVER ? "end" : String(cooldown);
-  return `steps ${warmup}\u2192${end}`;
+function nodeWindowText(node) {
+  const value = (name) => Number(node.widgets?.find((w) => w.name === name)?.value);
+  return windowText(value("edit_scale"), value("weight"), value("warmup"), value("cooldown"));
 }
 
 app.registerExtension({
@@ -25,7 +16,7 @@ app.registerExtension({
     nodeType.prototype.onDrawForeground = function (ctx) {
       const result = previous?.apply(this, arguments);
       if (this.flags?.collapsed) return result;
-      const text = windowText(this);
+      const text = nodeWindowText(this);
       if (!text) return result;
       const titleHeight = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
       ctx.save();
