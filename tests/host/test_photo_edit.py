@@ -390,3 +390,54 @@ def test_workflow_refuses_skip_outside_range(ckpt):
     del g["photo"]  # the only output is then the edit, which depends on the inversion
     with pytest.raises(PromptValidationError, match=r"SEGA Invert Photo: skip must be in \[0, 1\)"):
         run_prompt(g)
+
+
+def test_sampler_custom_advanced_workflow(ckpt):
+    """SEGA Photo Guider + SEGA Inversion Sampler in SamplerCustomAdvanced equal SEGA Photo Edit; a latent of
+    another size is refused by the sampler, naming it and the input."""
+    g = photo_graph(ckpt, 8.0)
+    g["noise"] = {"class_type": "DisableNoise", "inputs": {}}
+    g["guider"] = {"class_type": "SEGAPhotoGuider", "inputs": {"model": ["ckpt", 0], "inversion": ["invert", 0],
+                                                               "combination": "ledits", "concepts": ["concept", 0]}}
+    g["replay"] = {"class_type": "SEGAInversionSampler", "inputs": {"inversion": ["invert", 0],
+                                                                     "reconstruction": "exact"}}
+    g["custom"] = {"class_type": "SamplerCustomAdvanced",
+                   "inputs": {"noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["replay", 0],
+                              "sigmas": ["replay", 1], "latent_image": ["encode", 0]}}
+    out = latents(run_prompt(save(g, "custom_out", ["custom", 0])))
+    assert torch.equal(out["custom_out"], out["out"])
+    g["other"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 64, "batch_size": 1}}
+    g["custom"]["inputs"]["latent_image"] = ["other", 0]
+    with pytest.raises(Exception, match=r"SEGA Inversion Sampler: the latent image is 1x4x8x4 but the inversion "
+                                        r"was made from a 1x4x8x8 latent"):
+        run_prompt(g)
+
+
+def test_batch_of_two_photos_reconstructs_and_edits_each():
+    lat = photo("sd15", batch=2)
+    inv = invert("sd15", lat)
+    assert (edit("sd15", inv) - lat["samples"]).abs().max() <= 1e-4
+    edited = edit("sd15", inv, concept_node(FAMILIES["sd15"].cond(5)))
+    assert all((edited[i] - lat["samples"][i]).abs().max() > 1e-3 for i in range(2))
+
+
+def test_headless_photo_prompt_saves_photo_reconstruction_and_edit(ckpt):
+    """photo_edit_prompt (for run_sega.py --image): one saved image, photo | reconstruction | edit."""
+    import numpy as np
+    from PIL import Image
+
+    import folder_paths
+    from comfy_host import saved_images
+
+    name = "sega-test-photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(
+        f"{folder_paths.get_input_directory()}/{name}")
+    prompt = pack_module("nodes.photo_graph").photo_edit_prompt(ckpt, name, [{"text": "glasses", "edit_scale": 8.0}],
+                                                                 steps=3)
+    images = saved_images(run_prompt(prompt))
+    assert len(images) == 1
+    image = np.asarray(images[0])
+    assert image.shape[:2] == (64, 3 * 96 + 2 * 8)
+    recon, edited = image[:, 104:200].astype(int), image[:, 208:].astype(int)
+    assert np.abs(recon - edited).max() > 0
