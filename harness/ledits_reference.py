@@ -187,7 +187,8 @@ class StubUNet:
         k = p.step_of(timestep)
         ids = encoder_hidden_states[:, 0, 0].round().long().tolist()
         batch = p.table.shape[2]
-        assert len(ids) == sample.shape[0] and len(ids) % batch == 0
+        assert len(ids) == sample.shape[0], f"embeddings for {len(ids)} rows, latents for {sample.shape[0]} rows"
+        assert len(ids) % batch == 0
         if self.xl:
             pooled = added_cond_kwargs["text_embeds"][:, 0].round().long().tolist()
             assert pooled == ids, f"pooled embeddings {pooled} do not follow the rows {ids}"
@@ -230,8 +231,9 @@ def _record_steps(pipe):
     return recorded
 
 
-def build(family: str):
-    """A LEDITS++ pipeline of `family` ("sd" or "sdxl") with stand-in parts."""
+def build(family: str, scheduler=None):
+    """A LEDITS++ pipeline of `family` ("sd" or "sdxl") with stand-in parts; `scheduler` defaults to
+    an Euler scheduler (which the pipeline replaces with SDE-DPM-Solver++(2M))."""
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -240,14 +242,15 @@ def build(family: str):
 
             pipe = LEditsPPPipelineStableDiffusion(
                 vae=StubVAE(), text_encoder=StubTextEncoder(), tokenizer=StubTokenizer(), unet=StubUNet(),
-                scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                scheduler=_scheduler() if scheduler is None else scheduler, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
         elif family == "sdxl":
             from diffusers import LEditsPPPipelineStableDiffusionXL
 
             pipe = LEditsPPPipelineStableDiffusionXL(
                 vae=StubVAE(), text_encoder=StubTextEncoderXL(), text_encoder_2=StubTextEncoderXL(),
                 tokenizer=StubTokenizer(), tokenizer_2=StubTokenizer(), unet=StubUNet(xl=True),
-                scheduler=_scheduler())
+                scheduler=_scheduler() if scheduler is None else scheduler)
         else:
             raise ValueError(family)
     pipe.set_progress_bar_config(disable=True)

@@ -196,3 +196,112 @@ def test_reconstruction_ends_on_x0_prediction(pipes):
     x0 = make_inputs(case)[0]
     assert (ref[-1] - x0).abs().max() > 1e-2  # diffusers' reconstruction is not the photo's latent
     assert (ours[-1] + inv.correction - x0).abs().max() <= 1e-5  # the correction closes the gap
+
+
+# Deliberate differences from diffusers (LEDITS.md, "Quirks"): what diffusers does, and what the pack
+# does instead.
+
+def test_sd_source_guidance_swapped_in_diffusers(pipes):
+    """Quirk 1: SD's invert() swaps uncond and source: eps = eps_src + s (eps_u - eps_src), guiding
+    away from the source prompt. SDXL guides towards it, eps_u + s (eps_src - eps_u); the pack uses
+    SDXL's (correct) form for every family."""
+    case = Case(steps=4, source=True)
+    x0, table, _ = make_inputs(case)
+    ts = ledits_timesteps(case.steps, case.skip)
+    preds = R.Predictions(table, ts)
+    _, zs_sd, sigmas = R.invert(pipes["sd"], preds, x0, case.steps, case.skip, case.seed, source_prompt="source",
+                                source_guidance_scale=3.5)
+    _, zs_xl, _ = R.invert(pipes["sdxl"], preds, x0, case.steps, case.skip, case.seed, source_prompt="source",
+                           source_guidance_scale=3.5, num_zero_noise_steps=0)
+    swapped = lambda eps, k: eps[1] + 3.5 * (eps[0] - eps[1])  # noqa: E731
+    inv_swapped, _ = run_ours(case, preds, x0, None, sigmas, swapped, (R.UNCOND, R.SOURCE))
+    inv_pack, _ = run_ours(case, preds, x0, None, sigmas)  # source_cfg: the pack's form
+    assert (inv_swapped.zs - zs_sd).abs().max() <= ATOL  # we reproduce SD's quirk when asked to
+    assert (inv_pack.zs - zs_xl).abs().max() <= ATOL  # the pack's form is SDXL's
+    assert (inv_pack.zs - zs_sd).abs().max() > 1e-2  # and not SD's
+
+
+def test_source_prompt_reconstruction(pipes):
+    """Quirk 10: with a source prompt diffusers' edit base is the uncond prediction while the noise
+    maps came from the guided one, so even without concepts the photo is lost. Replaying with the
+    inversion's own (guided) prediction and the correction gives the photo's latent back."""
+    case = Case(family="sdxl", steps=5, source=True)
+    x0, table, _ = make_inputs(case)
+    preds = R.Predictions(table, ledits_timesteps(case.steps, case.skip))
+    _, _, sigmas, ref = run_reference(pipes["sdxl"], case, preds, x0, None)
+    inv, ours = run_ours(case, preds, x0, None, sigmas)
+    assert (ours[-1] - ref[-1]).abs().max() <= ATOL  # uncond base: diffusers' result
+    assert (ref[-1] - x0).abs().max() > 0.1  # which is not the photo
+    guided = preds.denoise(sigmas, (R.UNCOND, R.SOURCE), source_cfg(case.source_scale))
+    back = replay(inv.start, sigmas, inv.zs, guided, correction=inv.correction)
+    assert (back - x0).abs().max() <= 1e-4
+
+
+def test_sd_ddim_inversion_crashes_in_diffusers():
+    """Quirk 3: SD's invert() with DDIMScheduler indexes alphas_cumprod with a float tensor
+    (IndexError). The pack inverts with SDE-DPM-Solver++(2M), the scheduler diffusers itself turns
+    SD 1.5's and SDXL's schedulers into, and refuses any other rule by name."""
+    from diffusers import DDIMScheduler
+
+    pipe = R.build("sd", DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1))
+    case = Case(steps=3)
+    x0, table, _ = make_inputs(case)
+    preds = R.Predictions(table, [int(t) for t in R.timesteps(pipe, 3, 0.15)])
+    with pytest.raises(IndexError):
+        R.invert(pipe, preds, x0, 3, 0.15, 0)
+    with pytest.raises(SEGAValueError, match="rule must be one of dpmpp_2m_sde, euler_ancestral_rf"):
+        invert(x0, [2.0, 1.0, 0.0], torch.zeros(2, *x0.shape), lambda x, s: x, rule="ddim")
+
+
+def test_guidance_rescale_crashes_in_diffusers(pipes):
+    """Quirk 4: guidance_rescale > 0 with concepts raises AttributeError in diffusers (and is skipped
+    without concepts). The pack has no guidance_rescale: its edit is diffusers' at the default 0."""
+    case = Case(steps=3, edits=[E()])
+    x0, table, _ = make_inputs(case)
+    preds = R.Predictions(table, ledits_timesteps(case.steps, case.skip))
+    _, _, sigmas = R.invert(pipes["sd"], preds, x0, case.steps, case.skip, case.seed)
+    with pytest.raises(AttributeError, match="mean"):
+        R.edit(pipes["sd"], preds, case.edits, guidance_rescale=0.7)
+    plain = R.edit(pipes["sd"], preds, [])
+    assert torch.equal(R.edit(pipes["sd"], preds, [], guidance_rescale=0.7), plain)
+    check(pipes, case)  # guidance_rescale=0: equal to sega_core
+
+
+def test_sdxl_size_swapped_in_diffusers(pipes):
+    """Quirk: SDXL's invert() and __call__() pass (W, H) in pixels where SDXL's size conditioning
+    expects (H, W). The pack's nodes take the size conditioning from ComfyUI's own SDXL
+    conditioning (not from sega_core), so the latents here do not depend on it; this records what
+    diffusers passes for a 64 x 96 px (h x w) photo."""
+    pipe = pipes["sdxl"]
+    pipe.unet.time_ids.clear()
+    check(pipes, Case(family="sdxl", shape=(1, 4, 8, 12), steps=3, edits=[E()]))
+    ids = {tuple(t[0].tolist()) for t in pipe.unet.time_ids}
+    assert ids == {(96.0, 64.0, 0.0, 0.0, 96.0, 64.0)}  # (W, H, top, left, W, H): swapped
+
+
+def test_sdxl_batch_2(pipes):
+    """Quirk 8: SDXL does not repeat the concept embeddings per image, so a batch of two photos with
+    two concepts gives the UNet 4 embedding rows for 6 latent rows (a real UNet fails on it). The pack
+    edits every photo of a batch on its own: its inversion equals diffusers' at batch 2, and each
+    photo's edit equals that photo edited alone."""
+    case = Case(family="sdxl", shape=(2, 4, 8, 8), steps=4, edits=[E(), E(scale=3.0, reverse=True, warmup=1)])
+    x0, table, _ = make_inputs(case)
+    preds = R.Predictions(table, ledits_timesteps(case.steps, case.skip))
+    init, zs, sigmas = R.invert(pipes["sdxl"], preds, x0, case.steps, case.skip, case.seed, num_zero_noise_steps=0)
+    with pytest.raises(AssertionError, match="embeddings for 4 rows, latents for 6 rows"):
+        R.edit(pipes["sdxl"], preds, case.edits)
+    inv, ours = run_ours(case, preds, x0, None, sigmas)
+    assert (vp(inv.start, sigmas[0]) - init).abs().max() <= ATOL
+    assert (inv.zs - zs).abs().max() <= ATOL
+    plan = plan_of(case.edits)
+    for s in range(2):
+        alone = R.Predictions(table[:, :, s:s + 1], preds.timesteps)
+
+        def combine(eps, k):
+            rows = ledits_rows(plan, k)
+            return eps[0] + ledits_guidance(eps[0], torch.stack(eps[1:]), rows, k, plan)
+
+        out = replay(inv.start[s:s + 1], sigmas, inv.zs[:, s:s + 1],
+                     alone.denoise(sigmas, lambda k: [R.UNCOND] + [2 + c for c in ledits_rows(plan, k)], combine))
+        assert torch.equal(out, ours[-1][s:s + 1])
