@@ -485,6 +485,14 @@ def photo_guider(model, inversion, concepts, combination: str, node: str, previe
         if not isinstance(spec.conditioning, list) or not spec.conditioning:
             raise SEGAError(f"{spec.describe(i)}: its conditioning input is empty; wire a CLIP Text Encode into it.")
         _check_width(f"{node}: {spec.describe(i)}", "its conditioning", spec.conditioning, inversion.uncond)
+        for entry in spec.conditioning:
+            extra = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            if "area" in extra or "mask" in extra or extra.get("start_percent", 0.0) > 0.0 \
+                    or extra.get("end_percent", 1.0) < 1.0:
+                raise SEGAError(
+                    f"{node}: {spec.describe(i)}: its conditioning has an area, a mask or a timestep range "
+                    f"(ConditioningSetArea / ConditioningSetMask / ConditioningSetTimestepRange), which photo edits "
+                    f"do not support; use SEGA Concept's mask input and its warmup / cooldown instead.")
     return PhotoGuider(model, inversion, specs, plan, combination, node, preview, tally)
 
 

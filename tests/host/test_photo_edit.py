@@ -305,6 +305,14 @@ def test_concept_for_another_model_is_refused():
         edit("sd15", inv, concept_node(wide, label="wide"))
 
 
+def test_concept_with_an_area_is_refused():
+    inv = invert("sd15")
+    cond = FAMILIES["sd15"].cond(5)
+    area = [[cond[0][0], {"area": (4, 4, 0, 0), "strength": 1.0}]]
+    with pytest.raises(errors().SEGAError, match=r"SEGA Photo Edit: SEGA Concept #1: its conditioning has an area"):
+        edit("sd15", inv, concept_node(area))
+
+
 def test_interrupted_inversion_runs_fresh_and_equal():
     name = "sd15"
     reference = invert(name)
