@@ -227,6 +227,52 @@ def test_replay_sampler_equals_sega_core_replay():
     torch.testing.assert_close(out, fmt.process_out(x), rtol=0, atol=1e-6)
 
 
+class PredictionRecorder:
+    """A post-cfg function: the input and the final prediction of every model evaluation."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args):
+        self.calls.append((args["input"].clone(), args["denoised"].clone()))
+        return args["denoised"]
+
+    def attach(self, model):
+        m = model.clone()
+        m.set_model_sampler_post_cfg_function(self)
+        return m
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd3"])
+def test_invert_node_equals_sega_core_invert(name):
+    """SEGA Invert Photo computes sega_core.ledits.invert on the same predictions, with the draws of
+    ledits.draw_noises from a CPU generator seeded with `seed` (diffusers' order), on the photo's latent
+    in the model's sampler space."""
+    ledits = pack_module("sega_core.ledits")
+    rec = PredictionRecorder()
+    lat = photo(name)
+    inv = invert(name, lat, seed=11, model=rec.attach(model_of(name)))
+    x0 = model_of(name).get_model_object("latent_format").process_in(lat["samples"])
+    noises = ledits.draw_noises(x0.shape, STEPS, torch.Generator().manual_seed(11))
+    preds = iter([d for _, d in rec.calls])
+    inputs = []
+
+    def denoise(x, sigma):
+        inputs.append(x)
+        return next(preds)
+
+    core = ledits.invert(x0, inv.sigmas, noises, denoise, rule=inv.rule, zero_noise_steps=inv.zero_noise_steps)
+    for (x_node, _), x_core in zip(rec.calls, inputs):
+        torch.testing.assert_close(x_node, x_core, rtol=0, atol=1e-6)
+    torch.testing.assert_close(inv.start, core.start, rtol=0, atol=0)
+    torch.testing.assert_close(inv.zs, core.zs, rtol=0, atol=1e-5)
+    if not inv.zero_noise_steps:
+        torch.testing.assert_close(inv.correction, core.correction, rtol=0, atol=1e-6)
+
+
 def test_inversion_sampler_with_sampler_custom_advanced_and_other_guiders():
     """SEGA Inversion Sampler's SAMPLER and SIGMAS replay the photo under a plain CFGGuider at cfg 1 on the
     uncond (the photo comes back) and compose with SEGA Guider (the concepts change it)."""
