@@ -6,6 +6,11 @@ these functions with noise-space predictions.
 """
 from .concepts import Concept, Plan, SEGAValueError, concept_acts
 from .guidance import StepResult, sega_step, threshold_edit, quantile_threshold
+from .ledits import (Inversion, draw_noises, dpmpp_2m_sde_step, euler_ancestral_rf_step, implicit_mask, invert,
+                     ledits_guidance, ledits_rows, ledits_timesteps, noisy_latents, replay)
 
 __all__ = ["Concept", "Plan", "SEGAValueError", "StepResult", "concept_acts", "sega_step", "threshold_edit",
-           "quantile_threshold"]
+           "quantile_threshold",
+           # LEDITS++ photo editing (sega_core.ledits)
+           "Inversion", "draw_noises", "dpmpp_2m_sde_step", "euler_ancestral_rf_step", "implicit_mask", "invert",
+           "ledits_guidance", "ledits_rows", "ledits_timesteps", "noisy_latents", "replay"]
