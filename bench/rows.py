@@ -19,9 +19,10 @@ import sys
 
 import _common
 import _comfy
+from harness.pack import CONCEPT_DEFAULTS, NEVER
 
 STEPS = 50
-NEVER = 10000
+WARMUP = CONCEPT_DEFAULTS["warmup"]  # the SEGA Concept node's default
 CONFIGS = [
     # name, sampler, momentum_scale, concept settings
     ("defaults (warm-up 10, momentum 0.1)", "euler", 0.1, [{}]),
@@ -46,13 +47,13 @@ def evaluations_per_step(sampler: str, steps: int) -> list:
 
 def needed(settings: dict, step: int, momentum_scale: float) -> bool:
     """Whether a concept's prediction can change the image at this step (the definition, not the pack's code)."""
-    warmup, cooldown = settings.get("warmup", 10), settings.get("cooldown", NEVER)
+    warmup, cooldown = settings.get("warmup", WARMUP), settings.get("cooldown", NEVER)
     return step < cooldown and (step >= warmup or momentum_scale != 0.0)
 
 
 def must_save(settings_list: list, momentum_scale: float, steps: int) -> bool:
     ends_early = any(s.get("cooldown", NEVER) < steps for s in settings_list)
-    cold_skipped = momentum_scale == 0.0 and any(s.get("warmup", 10) > 0 for s in settings_list)
+    cold_skipped = momentum_scale == 0.0 and any(s.get("warmup", WARMUP) > 0 for s in settings_list)
     return ends_early or cold_skipped
 
 

@@ -3,7 +3,8 @@
 Each family is ComfyUI's `supported_models` class with a shrunken config, so the real model
 class, its model_sampling (eps, v-prediction, flow), its extra_conds (SDXL's pooled `y`, SD3's
 pooled vector, Flux's guidance) and its latent shape (4-D images, 5-D video) are exercised;
-only the weights are fake. Each model comes with conditioning of the widths it expects.
+only the weights are fake (harness.tiny builds them). Each model comes with conditioning of the
+widths it expects.
 
 Weights are set deterministically (ComfyUI's ops skip initialisation, which would leave
 uninitialised memory): small normal values, norms at 1, so predictions are finite and differ
@@ -22,8 +23,9 @@ comfy_host.prepare_host()  # the CPU, before ComfyUI is imported
 import torch
 
 import comfy.model_base
-import comfy.model_patcher
 import comfy.supported_models
+
+from harness.tiny import init_weights, patcher, unet_config
 
 
 @pytest.fixture(scope="module")
@@ -48,47 +50,25 @@ class Family:
     cfg: float = 5.0
 
 
-def _init(model, seed: int, std: float) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            leaf = name.rsplit(".", 2)
-            if p.dim() == 1 and any("norm" in part or part.startswith("ln_") for part in leaf[:-1]) \
-                    and leaf[-1] in ("weight", "scale"):
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-        # buffers too: SD3's pos_embed is one, left as uninitialised memory by the model class
-        for b in model.diffusion_model.buffers():
-            if b.is_floating_point():
-                b.copy_(torch.randn(b.shape, generator=gen) * std)
-
-
-def _patcher(model):
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+def _built(model, seed: int, std: float):
+    """`model` with weights from `seed` (norms at 1, buffers drawn too), in a CPU ModelPatcher."""
+    init_weights(model, seed, std, norms_at_one=True, buffers=True)
+    return patcher(model)
 
 
 def _unet(cls, context_dim: int, **extra) -> dict:
     # the class applies its unet_extra_config last (SD2 and SDXL: 64 channels per head), so
     # model_channels is one head's worth there
-    cfg = dict(cls.unet_config)
-    cfg.update(cls.unet_extra_config)
-    cfg.update({"in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1],
-                "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
-                "transformer_depth_middle": -2, "use_spatial_transformer": True, "legacy": False,
-                "image_size": 32, "use_checkpoint": False, "num_classes": None, "dtype": torch.float32,
-                "context_dim": context_dim, "num_heads": 2, "num_head_channels": -1, "adm_in_channels": None})
-    cfg.update(extra)
-    return cfg
+    return unet_config(cls, **{"model_channels": 32, "transformer_depth_middle": -2, "num_classes": None,
+                               "context_dim": context_dim, "num_heads": 2, "num_head_channels": -1,
+                               "adm_in_channels": None, **extra})
 
 
 def sd15(seed: int = 0, middle: bool = False):
     """SD 1.x: eps prediction. `middle`: a middle block with a transformer (where PAG and SAG act)."""
     extra = {"transformer_depth_middle": 1} if middle else {}
     model = comfy.supported_models.SD15(_unet(comfy.supported_models.SD15, 32, **extra)).get_model({})
-    _init(model, seed, 0.05)
-    return _patcher(model)
+    return _built(model, seed, 0.05)
 
 
 def controlnet(model, seed: int = 0):
@@ -115,8 +95,7 @@ def sd2_v(seed: int = 0):
     config = comfy.supported_models.SD20(_unet(comfy.supported_models.SD20, 32, model_channels=64,
                                                use_linear_in_transformer=True))
     model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION)
-    _init(model, seed, 0.05)
-    return _patcher(model)
+    return _built(model, seed, 0.05)
 
 
 def sdxl(seed: int = 0):
@@ -124,8 +103,7 @@ def sdxl(seed: int = 0):
     cfg = _unet(comfy.supported_models.SDXL, 32, model_channels=64, num_classes="sequential",
                 adm_in_channels=2816)
     model = comfy.supported_models.SDXL(cfg).get_model({})
-    _init(model, seed, 0.03)
-    return _patcher(model)
+    return _built(model, seed, 0.03)
 
 
 def sd3(seed: int = 0):
@@ -136,8 +114,7 @@ def sd3(seed: int = 0):
                                        "params": {"in_features": 32, "out_features": 64}},
            "x_block_self_attn_layers": [], "dtype": torch.float32}
     model = comfy.supported_models.SD3(cfg).get_model({})
-    _init(model, seed, 0.05)
-    return _patcher(model)
+    return _built(model, seed, 0.05)
 
 
 def flux(seed: int = 0):
@@ -147,8 +124,7 @@ def flux(seed: int = 0):
            "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2,
            "qkv_bias": True, "txt_ids_dims": [], "dtype": torch.float32}
     model = comfy.supported_models.Flux(cfg).get_model({})
-    _init(model, seed, 0.05)
-    return _patcher(model)
+    return _built(model, seed, 0.05)
 
 
 def wan(seed: int = 0):
@@ -158,8 +134,7 @@ def wan(seed: int = 0):
            "num_layers": 1, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
            "dtype": torch.float32}
     model = comfy.supported_models.WAN21_T2V(cfg).get_model({})
-    _init(model, seed, 0.05)
-    return _patcher(model)
+    return _built(model, seed, 0.05)
 
 
 def _cond(width: int, tokens: int = 8, **pooled) -> Callable[[int], list]:

@@ -1,76 +1,43 @@
 """Small in-memory models and helpers for testing the SEGA hooks inside a real ComfyUI.
 
 The model is ComfyUI's own SD1.5 class with a shrunken UNet and random weights: the real
-guider, process_conds, calc_cond_batch and samplers run; only the weights are fake.
+guider, process_conds, calc_cond_batch and samplers run; only the weights are fake. The pack's
+import, node outputs and RowCounter are harness.pack's (shared with the benchmarks).
 """
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import comfy_host
 
 comfy_host.prepare_host()  # the CPU, before ComfyUI is imported
 import torch
 
-import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sample
-import comfy.samplers
 import comfy.supported_models
 
-PACK_ROOT = Path(__file__).resolve().parents[2]
-PACK_NAME = "comfyui_sega_under_test"
-
-
-def import_pack():
-    """This pack as a package (its folder name may not be a valid module name)."""
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(PACK_NAME, PACK_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def pack_module(name: str):
-    import_pack()
-    return importlib.import_module(f"{PACK_NAME}.{name}")
+from harness.host import PACK_ROOT  # noqa: F401  (re-exported)
+from harness.pack import RowCounter, import_pack, node_output, pack_module  # noqa: F401  (re-exported)
+from harness.tiny import init_weights, patcher, unet_config
 
 
 def tiny_sd15_model(seed: int = 0):
     """A ModelPatcher around ComfyUI's SD15 model with a small UNet (random weights); its middle block
     has a transformer, so attention patches such as PAG's act on it."""
-    cfg = dict(comfy.supported_models.SD15.unet_config)
-    cfg.update(comfy.supported_models.SD15.unet_extra_config)
-    cfg.update({"in_channels": 4, "out_channels": 4, "num_res_blocks": [1], "channel_mult": [1],
-                "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": 1,
-                "use_spatial_transformer": True, "legacy": False, "image_size": 32, "use_checkpoint": False,
-                "num_classes": None, "dtype": torch.float32, "adm_in_channels": None})
+    cfg = unet_config(comfy.supported_models.SD15, transformer_depth_middle=1, num_classes=None, adm_in_channels=None)
     return _random_patcher(comfy.supported_models.SD15(cfg).get_model({}), seed, 0.05)
 
 
 def tiny_sdxl_model(seed: int = 0):
     """A ModelPatcher around ComfyUI's SDXL model (pooled `y` conditioning) with a tiny UNet."""
-    cfg = dict(comfy.supported_models.SDXL.unet_config)
-    cfg.update({"in_channels": 4, "out_channels": 4, "num_res_blocks": [1], "channel_mult": [1],
-                "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": -2,
-                "use_spatial_transformer": True, "legacy": False, "image_size": 32, "use_checkpoint": False,
-                "num_classes": "sequential", "dtype": torch.float32, "num_head_channels": 64})
+    cfg = unet_config(comfy.supported_models.SDXL, transformer_depth_middle=-2, num_classes="sequential",
+                      num_head_channels=64)
     return _random_patcher(comfy.supported_models.SDXL(cfg).get_model({}), seed, 0.02)
 
 
 def _random_patcher(model, seed: int, std: float):
     """`model`'s UNet weights set to N(0, std) from `seed`, in a CPU ModelPatcher."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    init_weights(model, seed, std)
+    return patcher(model)
 
 
 def sdxl_cond(seed: int):
@@ -100,39 +67,6 @@ def sample(model, positive, negative, steps=6, cfg=7.5, sampler="euler", schedul
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
                                denoise=denoise, seed=seed, disable_pbar=True)
-
-
-class RowCounter:
-    """Counts UNet calls and the rows of each, through ComfyUI's model function wrapper."""
-
-    def __init__(self):
-        self.rows = []
-        self.cond_or_uncond = []
-        self.y = []  # the pooled `y` conditioning of each call's rows, where the model has one
-
-    def __call__(self, apply_model, args):
-        self.rows.append(args["input"].shape[0])
-        self.cond_or_uncond.append(list(args["cond_or_uncond"]))
-        if "y" in args["c"]:
-            self.y.append(args["c"]["y"].clone())
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    def __deepcopy__(self, memo):
-        # ComfyUI v0.8.0 deep-copies model_options when cloning a model: keep counting here
-        return self
-
-    def attach(self, model):
-        m = model.clone()
-        m.set_model_unet_function_wrapper(self)
-        return m
-
-
-def node_output(result):
-    """The first output of a V1 or V3 node's function result."""
-    if isinstance(result, tuple):
-        return result[0]
-    values = getattr(result, "result", None) or getattr(result, "args", None)
-    return values[0]
 
 
 class Recorder:
