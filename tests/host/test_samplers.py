@@ -8,6 +8,8 @@ too many or too few, or a momentum advanced per call instead of per step fails t
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -36,14 +38,25 @@ def family_model(name):
 
 
 def steps_by_sigma(model, sampler, scheduler, steps, calls):
-    sigmas = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler, scheduler=scheduler).sigmas
-    sigmas = [float(s) for s in sigmas]
-    steps, last = [], 0
+    """The scheduled step of each recorded call of a sampler that picks its own noise levels, read
+    off the recording: the step i whose interval of the run's schedule, from sigma[i] (included)
+    down to sigma[i+1] (excluded, up to rounding), holds the sigma the call received; a call never
+    goes back to an earlier step (an adaptive solver that retries at a higher noise level stays on
+    its step)."""
+    schedule = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler, scheduler=scheduler).sigmas
+    schedule = schedule.tolist()
+
+    def interval(sigma: float) -> int:
+        for i in range(steps - 1):
+            lower = schedule[i + 1]
+            if sigma > lower and not math.isclose(sigma, lower, rel_tol=1e-5):
+                return i
+        return steps - 1
+
+    out = []
     for call in calls:
-        s = float(call["sigma"].max()) * (1 - 1e-5)
-        last = max(last, min(sum(1 for t in sigmas[1:-1] if t >= s), len(sigmas) - 2))
-        steps.append(last)
-    return steps
+        out.append(max([interval(float(call["sigma"].max()))] + out[-1:]))
+    return out
 
 
 def run_and_replay(family_name, sampler, scheduler, steps=STEPS, batch=1):
