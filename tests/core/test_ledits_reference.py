@@ -305,3 +305,22 @@ def test_sdxl_batch_2(pipes):
         out = replay(inv.start[s:s + 1], sigmas, inv.zs[:, s:s + 1],
                      alone.denoise(sigmas, lambda k: [R.UNCOND] + [2 + c for c in ledits_rows(plan, k)], combine))
         assert torch.equal(out, ours[-1][s:s + 1])
+
+
+def test_16_channel_latents_crash_in_diffusers(pipes):
+    """Quirk 12: diffusers' implicit mask repeats over 4 channels (hard-coded), so a 16-channel
+    latent (SD3, Flux) with a concept fails. sega_core's mask is one spatial mask for every channel
+    of any count; without a concept both still agree."""
+    case = Case(shape=(1, 16, 8, 8), steps=3, edits=[E()])
+    x0, table, _ = make_inputs(case)
+    preds = R.Predictions(table, ledits_timesteps(case.steps, case.skip))
+    init, zs, sigmas = R.invert(pipes["sd"], preds, x0, case.steps, case.skip, case.seed)
+    with pytest.raises(RuntimeError, match="size of tensor a \\(4\\) must match the size of tensor b \\(16\\)"):
+        R.edit(pipes["sd"], preds, case.edits)
+    inv, ours = run_ours(case, preds, x0, None, sigmas)
+    assert (inv.zs - zs).abs().max() <= ATOL
+    plan = plan_of(case.edits)
+    u, e = table[0, 0], table[0, 2:3]
+    edit, kept = ledits_guidance(u, e, [0], 0, plan, return_kept=True)
+    assert all(torch.equal(kept[0, :, c], kept[0, :, 0]) for c in range(16))
+    assert int(kept[0, 0, 0].sum()) == 7 and torch.isfinite(ours[-1]).all()
