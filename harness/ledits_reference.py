@@ -126,7 +126,8 @@ class StubVAE:
 
 @dataclass
 class Predictions:
-    """The model's answers: eps = table[step, tag, sample] + 0.2 tanh(x) (x: the VP latent it gets).
+    """The model's answers: out = table[step, tag, sample] + 0.2 tanh(x) (x: the VP latent it gets),
+    an eps prediction, or a v prediction with v_prediction=True (SD 2.x).
 
     table: (N, 2 + concepts, B, C, H, W); tag 0 uncond, 1 source prompt, 2 + k concept k.
     timesteps: the N timesteps, noisiest first (step k answers timestep k).
@@ -134,6 +135,7 @@ class Predictions:
 
     table: torch.Tensor
     timesteps: List[int]
+    v_prediction: bool = False
     calls: list = field(default_factory=list)  # (phase, step, [tags]) of every model call
 
     def eps(self, step: int, tag: int, sample: int, x: torch.Tensor) -> torch.Tensor:
@@ -144,9 +146,11 @@ class Predictions:
 
     def denoise(self, sigmas, tags=(UNCOND,), combine=None, record: Optional[str] = None):
         """ComfyUI's convention: denoise(X, sigma) with X in sampler space. The model input is
-        X / sqrt(1 + sigma^2) (ComfyUI's EPS input scaling); eps of each tag (`tags`: a sequence, or a
-        function of the step giving one), combined by `combine(eps_list, step)` (default: the
-        first), denoised = X - sigma * eps."""
+        X / sqrt(1 + sigma^2) (ComfyUI's EPS / V input scaling); each tag's output (`tags`: a
+        sequence, or a function of the step giving one) is made a denoised as ComfyUI's EPS or
+        V_PREDICTION model sampling makes it, and then eps = (X - denoised) / sigma as the pack's
+        nodes see it; the eps are combined by `combine(eps_list, step)` (default: the first),
+        denoised = X - sigma * eps."""
         index = {float(s): k for k, s in enumerate(sigmas[:-1])}
 
         def fn(x, sigma):
@@ -155,6 +159,8 @@ class Predictions:
             x_in = x / math.sqrt(s * s + 1.0)
             step_tags = list(tags(k) if callable(tags) else tags)
             eps = [torch.stack([self.eps(k, tag, b, x_in[b]) for b in range(x.shape[0])]) for tag in step_tags]
+            if self.v_prediction:  # ComfyUI: X / (s^2 + 1) - v s / sqrt(s^2 + 1), sigma_data 1
+                eps = [(x - (x / (s * s + 1.0) - v * (s / math.sqrt(s * s + 1.0)))) / s for v in eps]
             if record is not None:
                 self.calls.append((record, k, step_tags))
             e = eps[0] if combine is None else combine(eps, k)
@@ -209,11 +215,11 @@ class StubUNet:
         return (out,) if not return_dict else SimpleNamespace(sample=out)
 
 
-def _scheduler():
+def _scheduler(prediction_type: str = "epsilon"):
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  num_train_timesteps=1000, steps_offset=1)
+                                  num_train_timesteps=1000, steps_offset=1, prediction_type=prediction_type)
 
 
 def _record_steps(pipe):
@@ -231,9 +237,10 @@ def _record_steps(pipe):
     return recorded
 
 
-def build(family: str, scheduler=None):
+def build(family: str, scheduler=None, prediction_type: str = "epsilon"):
     """A LEDITS++ pipeline of `family` ("sd" or "sdxl") with stand-in parts; `scheduler` defaults to
-    an Euler scheduler (which the pipeline replaces with SDE-DPM-Solver++(2M))."""
+    an Euler scheduler for `prediction_type` ("epsilon", or "v_prediction" as SD 2.x), which the
+    pipeline replaces with SDE-DPM-Solver++(2M)."""
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -242,7 +249,7 @@ def build(family: str, scheduler=None):
 
             pipe = LEditsPPPipelineStableDiffusion(
                 vae=StubVAE(), text_encoder=StubTextEncoder(), tokenizer=StubTokenizer(), unet=StubUNet(),
-                scheduler=_scheduler() if scheduler is None else scheduler, safety_checker=None,
+                scheduler=_scheduler(prediction_type) if scheduler is None else scheduler, safety_checker=None,
                 feature_extractor=None, requires_safety_checker=False)
         elif family == "sdxl":
             from diffusers import LEditsPPPipelineStableDiffusionXL
@@ -250,7 +257,7 @@ def build(family: str, scheduler=None):
             pipe = LEditsPPPipelineStableDiffusionXL(
                 vae=StubVAE(), text_encoder=StubTextEncoderXL(), text_encoder_2=StubTextEncoderXL(),
                 tokenizer=StubTokenizer(), tokenizer_2=StubTokenizer(), unet=StubUNet(xl=True),
-                scheduler=_scheduler() if scheduler is None else scheduler)
+                scheduler=_scheduler(prediction_type) if scheduler is None else scheduler)
         else:
             raise ValueError(family)
     pipe.set_progress_bar_config(disable=True)

@@ -42,6 +42,11 @@ class Case:
     source_scale: float = 3.5
     zero_noise_steps: int = 0  # SDXL's num_zero_noise_steps
     seed: int = 0
+    v_prediction: bool = False  # SD 2.x-style v-prediction model
+
+    @property
+    def pipe(self) -> str:
+        return self.family + ("-v" if self.v_prediction else "")
 
 
 def make_inputs(case: Case):
@@ -112,10 +117,10 @@ def run_ours(case: Case, preds, x0, mask, sigmas, inversion_combine=None, invers
 
 
 def check(pipes, case: Case):
-    pipe = pipes[case.family]
+    pipe = pipes[case.pipe]
     x0, table, mask = make_inputs(case)
     ts = ledits_timesteps(case.steps, case.skip)
-    preds = R.Predictions(table, ts)
+    preds = R.Predictions(table, ts, v_prediction=case.v_prediction)
     init, zs, sigmas, ref = run_reference(pipe, case, preds, x0, mask)
     assert R.timesteps(pipe, case.steps, case.skip) == ts
     inv, ours = run_ours(case, preds, x0, mask, sigmas)
@@ -142,7 +147,8 @@ def check(pipes, case: Case):
 
 @pytest.fixture(scope="module")
 def pipes():
-    return {"sd": R.build("sd"), "sdxl": R.build("sdxl")}
+    return {"sd": R.build("sd"), "sdxl": R.build("sdxl"), "sd-v": R.build("sd", prediction_type="v_prediction"),
+            "sdxl-v": R.build("sdxl", prediction_type="v_prediction")}
 
 
 CASES = {
@@ -169,6 +175,11 @@ CASES = {
     "sdxl-source-scale-1-no-guidance": Case(family="sdxl", steps=4, source=True, source_scale=1.0, edits=[E()]),
     "sdxl-3-concepts-user-mask": Case(family="sdxl", steps=5, skip=0.3, user_mask="binary", seed=7, edits=[
         E(threshold=0.5), E(scale=8.0, threshold=0.95, warmup=1, reverse=True), E(scale=2.0, warmup=3)]),
+    "sd-v-prediction-reconstruction": Case(steps=5, v_prediction=True),
+    "sd-v-prediction-2-concepts-user-mask": Case(steps=6, v_prediction=True, user_mask="soft", edits=[
+        E(warmup=1), E(scale=4.0, threshold=0.7, reverse=True, cooldown=5)]),
+    "sdxl-v-prediction-source-prompt": Case(family="sdxl", steps=5, v_prediction=True, source=True,
+                                            zero_noise_steps=2, edits=[E(threshold=0.8)]),
     "sdxl-non-square-skip-0": Case(family="sdxl", shape=(1, 4, 12, 8), steps=4, skip=0.0,
                                    zero_noise_steps=1, edits=[E(warmup=1)]),
 }
