@@ -175,7 +175,7 @@ def _advance(mean: torch.Tensor, std: float, z: torch.Tensor) -> torch.Tensor:
 def invert(x0: torch.Tensor, sigmas, noises: torch.Tensor, denoise: Denoise, rule: str = "dpmpp_2m_sde",
            zero_noise_steps: int = 0, callback: Optional[Callable[[dict], None]] = None,
            where: str = "LEDITS++") -> Inversion:
-    """Edit-friendly inversion (Huberman-Spiegelglas et al., arXiv:2304.06140, Eq. 6; LEDITS++ Sec. 3.1).
+    """Edit-friendly inversion (Huberman-Spiegelglas et al., arXiv:2304.06140), as LEDITS++ uses it.
 
     x0: the photo's latent; sigmas: N step sigmas then 0; noises: (N, *x0.shape), eps_k of the draw
     at sigmas[k] (`draw_noises` draws them as diffusers does). For k = 0 ... N-1: predict at x_k
@@ -217,7 +217,7 @@ def invert(x0: torch.Tensor, sigmas, noises: torch.Tensor, denoise: Denoise, rul
 def replay(start: torch.Tensor, sigmas, zs: torch.Tensor, denoise: Denoise, rule: str = "dpmpp_2m_sde",
            correction: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None,
            where: str = "LEDITS++") -> torch.Tensor:
-    """The LEDITS++ edit loop (arXiv:2311.16711, Sec. 3.1): x_{k+1} = mean + std * zs[k] for every step.
+    """The LEDITS++ edit loop (arXiv:2311.16711): x_{k+1} = mean + std * zs[k] for every step.
 
     `denoise` gives the (edited) prediction: with the inversion's own prediction every step repeats
     the inversion. The last step ends on its mean (the x0-prediction, as diffusers does) or, with
@@ -250,7 +250,7 @@ def ledits_rows(plan: Plan, step: int, inactive: Sequence[int] = ()) -> List[int
 
 
 def implicit_mask(g: torch.Tensor, threshold: float) -> torch.Tensor:
-    """LEDITS++'s implicit mask M2 (arXiv:2311.16711, Eq. 9) of a guidance term g (B, C, ...):
+    """LEDITS++'s implicit mask M2 (arXiv:2311.16711) of a guidance term g (B, C, ...):
     a = sum over channels of |g|; keep the positions with a >= the per-sample threshold-quantile of
     a over all positions (torch.quantile, linear, float32). Binary, (B, 1, ...), the same in every channel.
     """
@@ -262,7 +262,7 @@ def implicit_mask(g: torch.Tensor, threshold: float) -> torch.Tensor:
 def ledits_guidance(uncond: torch.Tensor, preds: Optional[torch.Tensor], rows: Sequence[int], step: int,
                     plan: Plan, user_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
                     inactive: Sequence[int] = (), return_kept: bool = False):
-    """LEDITS++'s edit for one step (arXiv:2311.16711, Eq. 8-10, implicit-mask mode).
+    """LEDITS++'s edit for one step (arXiv:2311.16711, implicit-mask mode).
 
     uncond: (B, C, ...) eps; preds: (len(rows), B, C, ...) eps of the plan's concepts `rows` (as
     `ledits_rows` gives them; others in `rows` are skipped). For each concept acting at `step`:
