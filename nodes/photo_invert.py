@@ -157,7 +157,8 @@ class SEGAInvertPhoto(io.ComfyNode):
                                                   "should be multiples of 32 pixels, as in LEDITS++."),
                 io.Conditioning.Input(
                     "uncond", tooltip="The unconditional prompt the edit measures concepts against: a CLIP Text "
-                                      "Encode with empty text (LEDITS++'s \"\"), or a negative prompt."),
+                                      "Encode with empty text (LEDITS++'s \"\"), or a negative prompt. LEDITS++ "
+                                      "SDXL uses an all-zero one: pass the empty prompt through ConditioningZeroOut."),
                 io.Int.Input(
                     "steps", default=30, min=1, max=1000,
                     tooltip="Inversion steps, which the edit replays (LEDITS++'s num_inversion_steps): 30 is its "
