@@ -335,3 +335,12 @@ def test_16_channel_latents_crash_in_diffusers(pipes):
     edit, kept = ledits_guidance(u, e, [0], 0, plan, return_kept=True)
     assert all(torch.equal(kept[0, :, c], kept[0, :, 0]) for c in range(16))
     assert int(kept[0, 0, 0].sum()) == 7 and torch.isfinite(ours[-1]).all()
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_timesteps_match_diffusers(pipes, family):
+    """diffusers' own spacing, its defaults (SD 30 steps, SDXL 50, skip 0.15) and Quirk 11 included:
+    int(100 * 1.15) is 114, so 100 steps at skip 0.15 space over 114 (not 115)."""
+    for n, skip in [(30, 0.15), (50, 0.15), (100, 0.15), (1, 0.0), (7, 0.99), (200, 0.5), (12, 0.3333)]:
+        assert ledits_timesteps(n, skip) == R.timesteps(pipes[family], n, skip), (n, skip)
+    assert ledits_timesteps(100, 0.15)[0] == 8 * 100 + 1  # 1000 // (114 + 1) = 8
