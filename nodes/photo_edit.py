@@ -14,6 +14,8 @@ import torch
 
 import comfy.model_management
 import comfy.samplers
+import comfy.utils
+import latent_preview
 from comfy_api.latest import io
 
 from ..sega_core import Plan, SEGAValueError, sega_step
@@ -279,8 +281,10 @@ def photo_edit(model, inversion, concepts=None, combination: str = "ledits", rec
     if guider_out is not None:
         guider_out.append(guider)
     latent = torch.zeros(inversion.latent_shape, dtype=torch.float32)
+    callback = latent_preview.prepare_callback(guider.model_patcher, inversion.steps)
     out = guider.sample(torch.zeros_like(latent), latent, replay_sampler(inversion, reconstruction, node),
-                        inversion.sigmas.clone(), disable_pbar=True, seed=inversion.seed)
+                        inversion.sigmas.clone(), callback=callback,
+                        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=inversion.seed)
     out = out.to(comfy.model_management.intermediate_device())
     if not bool(torch.isfinite(out).all()):
         raise SEGAError(f"{node}: the edit gave NaN or inf. Check the model (fp16 overflow?) and lower the "

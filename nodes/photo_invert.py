@@ -18,6 +18,8 @@ import comfy.model_management
 import comfy.model_sampling
 import comfy.samplers
 import comfy.supported_models
+import comfy.utils
+import latent_preview
 from comfy_api.latest import io
 
 from ..sega_core import SEGAValueError
@@ -235,11 +237,12 @@ def invert_photo(model, latent: dict, uncond, steps: int, skip: float, seed: int
         if x0 is None or x0.shape != x.shape:
             x0 = torch.zeros_like(x)
         denoise = _interruptible(model_k, extra_args or {})
-        seen = []
+        seen = []  # the predictions, kept only where the zeroed maps' correction replays them
 
         def recorded(xk, sigma):
             out = denoise(xk, sigma)
-            seen.append(out)
+            if zero_steps:
+                seen.append(out)
             return out
 
         try:
@@ -263,8 +266,10 @@ def invert_photo(model, latent: dict, uncond, steps: int, skip: float, seed: int
         guider.set_conds(uncond, uncond)  # cfg 1 computes the positive (here the uncond) only: 1 row
         guider.set_cfg(1.0)
     noise = torch.zeros_like(samples, dtype=torch.float32)
-    guider.sample(noise, samples.float(), comfy.samplers.KSAMPLER(invert_fn), sigmas.clone(), disable_pbar=True,
-                  seed=int(seed))
+    # the progress bar and previews of ComfyUI's own samplers (common_ksampler's)
+    callback = latent_preview.prepare_callback(m, int(steps))
+    guider.sample(noise, samples.float(), comfy.samplers.KSAMPLER(invert_fn), sigmas.clone(), callback=callback,
+                  disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(seed))
     inv, correction = result[-1]
     cpu = torch.device("cpu")
     return PhotoInversion(
