@@ -344,3 +344,17 @@ def test_timesteps_match_diffusers(pipes, family):
     for n, skip in [(30, 0.15), (50, 0.15), (100, 0.15), (1, 0.0), (7, 0.99), (200, 0.5), (12, 0.3333)]:
         assert ledits_timesteps(n, skip) == R.timesteps(pipes[family], n, skip), (n, skip)
     assert ledits_timesteps(100, 0.15)[0] == 8 * 100 + 1  # 1000 // (114 + 1) = 8
+
+
+def test_sd_source_scale_1_crashes_in_diffusers(pipes):
+    """Quirk 2: SD's invert() raises AttributeError for source_guidance_scale <= 1, even without a
+    source prompt. The pack inverts with the plain uncond prediction there, as SDXL does."""
+    case = Case(steps=3)
+    x0, table, _ = make_inputs(case)
+    preds = R.Predictions(table, ledits_timesteps(case.steps, case.skip))
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'dtype'"):
+        R.invert(pipes["sd"], preds, x0, case.steps, case.skip, case.seed, source_guidance_scale=1.0)
+    _, zs_xl, sigmas = R.invert(pipes["sdxl"], preds, x0, case.steps, case.skip, case.seed, source_prompt="source",
+                                source_guidance_scale=1.0, num_zero_noise_steps=0)
+    inv, _ = run_ours(Case(steps=3, source=True, source_scale=1.0), preds, x0, None, sigmas)
+    assert (inv.zs - zs_xl).abs().max() <= ATOL
