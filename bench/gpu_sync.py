@@ -25,16 +25,15 @@ with small sizes and no sync checks, to test the script itself).
 """
 from __future__ import annotations
 
-import logging
 import sys
 import time
 import warnings
-from types import SimpleNamespace
 
 import torch
 
 import _common
 import _comfy
+from harness.tiny import unet_config
 from sega_core import Concept, Plan, sega_step
 
 SD15_FULL = {"model_channels": 320, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
@@ -87,12 +86,8 @@ def unet(device, full: bool, dtype):
     import comfy.model_patcher
     import comfy.supported_models
 
-    cfg = dict(comfy.supported_models.SD15.unet_config)
-    cfg.update(comfy.supported_models.SD15.unet_extra_config)
-    cfg.update({"in_channels": 4, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-                "image_size": 32, "use_checkpoint": False, "num_classes": None, "dtype": dtype,
-                "use_temporal_resblock": False})
-    cfg.update(SD15_FULL if full else SD15_SMALL)
+    cfg = unet_config(comfy.supported_models.SD15, num_classes=None, dtype=dtype, use_temporal_resblock=False,
+                      **(SD15_FULL if full else SD15_SMALL))
     model = comfy.supported_models.SD15(cfg).get_model({}, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -201,11 +196,9 @@ def end_to_end(device, dry_run):
 
 def reference_end_to_end(device, dry_run):
     """{N: time ratio} of the reference pipeline with N editing prompts against itself without."""
-    import _reference
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.deprecated.semantic_stable_diffusion.pipeline_semantic_stable_diffusion import (
-        SemanticStableDiffusionPipeline,
-    )
+
+    from harness.reference import EmbeddingTextEncoder, Tokenizer, pipeline
 
     full = not dry_run
     dtype = torch.float16 if full else torch.float32
@@ -216,25 +209,9 @@ def reference_end_to_end(device, dry_run):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=size, cross_attention_dim=768, **config).to(device=device, dtype=dtype)
     table = torch.randn(200, 768, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
-
-    class Tokenizer(_reference._Tokenizer):
-        model_max_length = 77
-
-        def __call__(self, texts, **kwargs):
-            ids = super().__call__(texts).input_ids[:, :1]
-            return SimpleNamespace(input_ids=ids.expand(-1, 77).contiguous())
-
-    def text_encoder(input_ids):
-        return (table[input_ids.to(device)],)
-
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = SemanticStableDiffusionPipeline(
-            vae=None, text_encoder=text_encoder, tokenizer=Tokenizer(), unet=unet,
-            scheduler=DDIMScheduler(num_train_timesteps=1000), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    # 77 tokens of 768, as SD1.5's CLIP gives them
+    pipe = pipeline(unet, tokenizer=Tokenizer(77), text_encoder=EmbeddingTextEncoder(table),
+                    scheduler=DDIMScheduler(num_train_timesteps=1000))
 
     def run(n):
         kw = {}

@@ -7,7 +7,7 @@ concept at scale 5, threshold 0.9, weight 1; guidance scale 7.5):
       prompts, divided by S: the reference's whole SEGA block (its per-step CPU copies of the
       estimates, its `.to("cpu")` moves and the N extra latent copies it feeds the UNet included;
       its CFG, scheduler and UNet call cancel out).
-  reference, port: tests/core/conftest.py's `reference_step` (the torch transcription that tests/core
+  reference, port: harness/reference.py's `reference_step` (the torch transcription that tests/core
       checks against the pipeline): CFG + SEGA math only, no copies.
   pack: torch.stack of the N concept predictions (as nodes/patch.py receives them from ComfyUI),
       sega_core.sega_step and the CFG sum u + s_g (t - u) + edit. (ComfyUI's denoised <-> eps
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import _common
-import _reference
+from harness import reference as _reference
 from sega_core import Concept, Plan, sega_step
 
 SHAPES = [(1, 4, 64, 64), (1, 4, 128, 128), (1, 16, 128, 128), (4, 4, 128, 128)]
@@ -88,7 +88,7 @@ def runners(shape, n, steps, reference_step, with_pipeline=True, device="cpu", b
     else:
         port()  # only to check the pack's numbers
     if with_pipeline:
-        pipe = _reference.Pipeline(u, t, e, steps)
+        pipe = _reference.FixedPipeline(u, t, e, steps)
         fns["pipeline"] = lambda: pipe.run(edit=True)
         fns["pipeline without SEGA"] = lambda: pipe.run(edit=False)
     return {k: _synced(f, device) for k, f in fns.items()}, last
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     _common.setup(args)
     steps = args.steps or (2 if args.quick else 5)
     repeats = args.repeats or (2 if args.quick else 5)
-    reference_step = _reference.port()
+    reference_step = _reference.reference_step
     baseline = baseline_step(args.baseline) if args.baseline else None
 
     rows, worst = [], None

@@ -1,11 +1,10 @@
 """Shared helpers for the sega_core tests (pure torch; nothing here may import ComfyUI).
 
 `helpers` (a session fixture) gives the tests:
-  reference_step  a line-for-line torch port of one denoising step of diffusers'
-                  SemanticStableDiffusionPipeline (every concept computed, no skipping, NaN
-                  quirk included), generalised only in that the threshold flattens all axes
-                  after (B, C). test_sega_reference.py checks it against the real pipeline, so
-                  the tests that run without diffusers rest on a checked oracle.
+  reference_step  harness.reference's line-for-line torch port of one denoising step of diffusers'
+                  SemanticStableDiffusionPipeline (shared with the benchmarks).
+                  test_sega_reference.py checks it against the real pipeline, so the tests that
+                  run without diffusers rest on a checked oracle.
   run_ours        the pack's per-step noise predictions: u + (s_g (t - u) + edit).
   run_port        the same, from `reference_step`.
   make_preds      random per-step predictions (uncond, text, concepts).
@@ -13,7 +12,6 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import List, Optional, Sequence
@@ -21,6 +19,7 @@ from typing import List, Optional, Sequence
 import pytest
 import torch
 
+from harness.reference import reference_step
 from sega_core import Concept, Plan, sega_step
 
 
@@ -59,60 +58,6 @@ def make_preds(case: Case, dtype=torch.float32, shape: Optional[Sequence[int]] =
     t = u + 0.3 * torch.randn((T, B) + shape, generator=g)
     e = u.unsqueeze(1) + 0.3 * torch.randn((T, N, B) + shape, generator=g)
     return u.to(dtype), t.to(dtype), e.to(dtype)
-
-
-def reference_step(u, t, e, i, concepts: Sequence[Concept], guidance_scale, momentum_scale, momentum_beta,
-                   momentum):
-    """One step of the reference, transcribed from diffusers' pipeline_semantic_stable_diffusion.py.
-
-    u, t: (B, C, ...); e: (N, B, C, ...); momentum: (B, C, ...) or None (zeros).
-    Returns (noise_pred, momentum'). Keeps the reference's quirks: weights normalised only
-    when some concepts are warmed up (0/0 = NaN possible there), cooled-down concepts counted
-    as warmed up with weight 0, the momentum updated every step, fp16/bf16 thresholds rounded
-    back to the input dtype.
-    """
-    noise_guidance = guidance_scale * (t - u)
-    edit_momentum = torch.zeros_like(noise_guidance) if momentum is None else momentum
-    n = e.shape[0]
-    concept_weights = torch.zeros((n, noise_guidance.shape[0]), dtype=noise_guidance.dtype)
-    noise_guidance_edit = torch.zeros((n, *noise_guidance.shape), dtype=noise_guidance.dtype)
-    warmup_inds = []
-    for c in range(n):
-        cc = concepts[c]
-        cooldown = i + 1 if cc.cooldown is None else cc.cooldown
-        if i >= cc.warmup:
-            warmup_inds.append(c)
-        if i >= cooldown:
-            noise_guidance_edit[c] = torch.zeros_like(e[c])
-            continue
-        tmp_edit = e[c] - u
-        concept_weights[c, :] = cc.weight
-        if cc.reverse:
-            tmp_edit = tmp_edit * -1
-        tmp_edit = tmp_edit * cc.scale
-        flat = torch.abs(tmp_edit).flatten(start_dim=2)
-        if tmp_edit.dtype == torch.float32:
-            q = torch.quantile(flat, cc.threshold, dim=2, keepdim=False)
-        else:
-            q = torch.quantile(flat.to(torch.float32), cc.threshold, dim=2, keepdim=False).to(tmp_edit.dtype)
-        q = q.view(*q.shape, *([1] * (tmp_edit.dim() - 2)))
-        tmp_edit = torch.where(torch.abs(tmp_edit) >= q, tmp_edit, torch.zeros_like(tmp_edit))
-        noise_guidance_edit[c] = tmp_edit
-    warm = torch.tensor(warmup_inds, dtype=torch.long)
-    if n > warm.shape[0] > 0:
-        w = torch.index_select(concept_weights, 0, warm)
-        w = torch.where(w < 0, torch.zeros_like(w), w)
-        w = w / w.sum(dim=0)
-        sel = torch.index_select(noise_guidance_edit, 0, warm)
-        noise_guidance = noise_guidance + torch.einsum("cb,cb...->b...", w, sel)
-    concept_weights = torch.where(concept_weights < 0, torch.zeros_like(concept_weights), concept_weights)
-    concept_weights = torch.nan_to_num(concept_weights)
-    edit = torch.einsum("cb,cb...->b...", concept_weights, noise_guidance_edit)
-    edit = edit + momentum_scale * edit_momentum
-    edit_momentum = momentum_beta * edit_momentum + (1 - momentum_beta) * edit
-    if warm.shape[0] == n:
-        noise_guidance = noise_guidance + edit
-    return u + noise_guidance, edit_momentum
 
 
 def run_port(case: Case, u, t, e):

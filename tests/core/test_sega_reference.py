@@ -1,6 +1,6 @@
 """sega_core against the reference: diffusers' SemanticStableDiffusionPipeline, run offline.
 
-The pipeline is built from stand-ins, so nothing is downloaded:
+The pipeline is built from harness/reference.py's stand-ins, so nothing is downloaded:
   - a tokenizer that maps each known string ("" for uncond, "prompt<j>", "concept<k>") to one id;
   - a text encoder whose embedding of a prompt is its id (so the UNet can tell rows apart);
   - a UNet that ignores the latents and returns, for step i and each row of the batch it is
@@ -21,9 +21,7 @@ samples get the wrong concepts; the stand-in UNet would catch that (it asserts c
 from __future__ import annotations
 
 import itertools
-import logging
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,90 +30,14 @@ pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 from hypothesis import given, settings, strategies as st, HealthCheck  # noqa: E402
 
+from harness.reference import PredictionUNet, concept_kwargs, pipeline, record_steps  # noqa: E402
 from sega_core import Concept  # noqa: E402
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from diffusers import DDIMScheduler  # noqa: E402
-    from diffusers.pipelines.deprecated.semantic_stable_diffusion.pipeline_semantic_stable_diffusion import (  # noqa: E402
-        SemanticStableDiffusionPipeline,
-    )
-
-MAX_CONCEPTS = 4
-MAX_PROMPTS = 2
-NEVER = 10**6  # the reference takes only ints in a per-concept cooldown list: "never" is a far step
-
-
-class StubTokenizer:
-    model_max_length = 2
-
-    def __init__(self):
-        self.vocab = {"": 0}
-        self.vocab.update({f"prompt{j}": 1 + j for j in range(MAX_PROMPTS)})
-        self.vocab.update({f"concept{k}": 100 + k for k in range(MAX_CONCEPTS)})
-
-    def __call__(self, texts, padding=None, max_length=None, return_tensors=None, truncation=None):
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        ids = torch.tensor([[self.vocab[x]] * self.model_max_length for x in texts], dtype=torch.long)
-        return SimpleNamespace(input_ids=ids)
-
-
-class StubTextEncoder:
-    def __call__(self, input_ids):
-        return (input_ids.to(torch.float32).unsqueeze(-1),)  # (n, seq, 1): the id is the embedding
-
-
-class StubUNet:
-    """Returns the test's predictions for the rows it is given; checks the rows' layout."""
-
-    def __init__(self):
-        self.config = SimpleNamespace(in_channels=4, sample_size=1)
-        self.set(None, None, None, 1)
-
-    def set(self, u, t, e, images_per_prompt):
-        self.u, self.t, self.e, self.images_per_prompt = u, t, e, images_per_prompt
-        self.calls = 0
-
-    def __call__(self, sample, timestep, encoder_hidden_states=None):
-        i = self.calls
-        self.calls += 1
-        batch = self.u.shape[1]
-        ids = encoder_hidden_states[:, 0, 0].round().long().tolist()
-        assert len(ids) == sample.shape[0]
-        out = []
-        for r, pid in enumerate(ids):
-            chunk, s = divmod(r, batch)
-            if pid == 0:
-                assert chunk == 0, f"uncond row {r} in chunk {chunk}"
-                out.append(self.u[i, s])
-            elif pid < 100:
-                assert chunk == 1 and pid - 1 == s // self.images_per_prompt, f"text row {r}: prompt {pid - 1}"
-                out.append(self.t[i, s])
-            else:
-                k = pid - 100
-                assert chunk == 2 + k, f"concept {k} in chunk {chunk}: samples would get the wrong concept"
-                out.append(self.e[i, k, s])
-        return SimpleNamespace(sample=torch.stack(out))
 
 
 @pytest.fixture(scope="session")
 def reference():
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = SemanticStableDiffusionPipeline(
-            vae=None, text_encoder=StubTextEncoder(), tokenizer=StubTokenizer(), unet=StubUNet(),
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    recorded = []
-    step = scheduler.step
-
-    def recording_step(model_output, timestep, sample, *args, **kwargs):
-        recorded.append(model_output.detach().clone())
-        return step(model_output, timestep, sample, *args, **kwargs)
-
-    scheduler.step = recording_step
+    pipe = pipeline(PredictionUNet())
+    recorded = record_steps(pipe.scheduler)
 
     def run(case, u, t, e):
         """The reference's per-step noise predictions (T, B, C, H, W) for the given predictions."""
@@ -125,17 +47,6 @@ def reference():
         pipe.unet.set(u, t, e, case.images_per_prompt)
         recorded.clear()
         cs = case.concepts
-        if case.scalars:
-            assert all(x == cs[0] for x in cs)
-            one = cs[0]
-            kw = dict(reverse_editing_direction=one.reverse, edit_guidance_scale=one.scale,
-                      edit_warmup_steps=one.warmup, edit_cooldown_steps=one.cooldown,
-                      edit_threshold=one.threshold, edit_weights=[one.weight] * len(cs))
-        else:
-            kw = dict(reverse_editing_direction=[x.reverse for x in cs], edit_guidance_scale=[x.scale for x in cs],
-                      edit_warmup_steps=[x.warmup for x in cs],
-                      edit_cooldown_steps=[NEVER if x.cooldown is None else x.cooldown for x in cs],
-                      edit_threshold=[x.threshold for x in cs], edit_weights=[x.weight for x in cs])
         prompt = "prompt0" if case.prompts == 1 else [f"prompt{j}" for j in range(case.prompts)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -143,7 +54,8 @@ def reference():
                  guidance_scale=case.guidance_scale, num_images_per_prompt=case.images_per_prompt,
                  latents=torch.zeros(case.batch, c, h, w), output_type="latent",
                  editing_prompt=[f"concept{k}" for k in range(len(cs))],
-                 edit_momentum_scale=case.momentum_scale, edit_mom_beta=case.momentum_beta, **kw)
+                 edit_momentum_scale=case.momentum_scale, edit_mom_beta=case.momentum_beta,
+                 **concept_kwargs(cs, case.scalars))
         assert pipe.unet.calls == case.steps and len(recorded) == case.steps
         return torch.stack(recorded)
 
