@@ -96,6 +96,15 @@ def test_every_family_edits_in_one_batched_call_per_step(name):
     assert torch.isfinite(out).all() and (out - lat["samples"]).abs().max() > 1e-3
 
 
+def test_inversion_memory_is_one_latent_per_step_plus_two():
+    """The inversion object holds N noise maps, the start and the correction (float32, CPU) and the
+    schedule: for SDXL at 1024x1024 and 50 steps that is 52 latents of 4x128x128, 13.6 MB."""
+    inv = invert("sdxl")
+    latent_bytes = inv.start.numel() * 4
+    assert inv.nbytes() == (STEPS + 2) * latent_bytes + (STEPS + 1) * 4
+    assert inv.zs.dtype == torch.float32 and inv.zs.device.type == "cpu"
+
+
 def test_flow_families_use_the_flow_schedule_and_rule():
     """Flow models: ComfyUI's simple schedule over int(N (1 + skip)) steps, the last N + 1 (skip drops the
     noisiest part), with the Euler-ancestral RF rule; SDXL zeroes LEDITS++ SDXL's last 3 noise maps."""
