@@ -164,13 +164,15 @@ class SEGAInvertPhoto(io.ComfyNode):
                 io.Int.Input(
                     "steps", default=30, min=1, max=1000,
                     tooltip="Inversion steps, which the edit replays (LEDITS++'s num_inversion_steps): 30 is its "
-                            "SD default, the SDXL reference uses 50. More steps follow the photo more closely."),
+                            "SD default, the SDXL reference uses 50; typical 20 to 100. For SDXL models the noise "
+                            "maps of the last 3 steps are set to zero automatically, as LEDITS++ SDXL does "
+                            "(num_zero_noise_steps=3); the photo is still reconstructed exactly (2 extra model calls "
+                            "once). Other families keep every map."),
                 io.Float.Input(
                     "skip", default=0.15, min=0.0, max=0.99, step=0.01, round=0.001,
                     tooltip="How much of the noisiest part of the schedule is dropped (LEDITS++'s skip, 0.15): "
-                            "higher keeps more of the photo's layout, 0 starts from almost pure noise. Must be "
-                            "in [0, 1). For SDXL models the last 3 noise maps are set to zero, as LEDITS++ SDXL "
-                            "does (num_zero_noise_steps=3); other families keep all."),
+                            "higher keeps more of the photo's layout, 0 starts from almost pure noise; typical 0.1 "
+                            "to 0.3. Must be in [0, 1)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
                              tooltip="Seed of the inversion's random draws (one noisy copy of the photo per step)."),
                 io.Conditioning.Input(
