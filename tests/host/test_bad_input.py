@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from comfy_host import PromptExecutionError, PromptValidationError, run_prompt
+from harness.pack import concept_inputs
 from sega_graphs import Queue, add_concept, add_ksampler, add_sega_ksampler, add_stack, graph, save
 from sega_testlib import RowCounter, apply_sega, concept, cond, pack_module, sample, tiny_sd15_model
 
@@ -169,7 +170,7 @@ def test_concept_stack_with_thirty_slots_keeps_their_order(comfy_nodes):
 
     concept_node = nodes.NODE_CLASS_MAPPINGS["SEGAConcept"]
     stack = nodes.NODE_CLASS_MAPPINGS["SEGAConceptStack"]
-    settings = dict(edit_scale=5.0, direction="add", threshold=0.9, warmup=10, cooldown=10000, weight=1.0)
+    settings = concept_inputs()
     slots = {f"concepts{i}": _node_output(concept_node.execute(conditioning=cond(i), label=f"c{i}", **settings))
              for i in range(30)}
     out = _node_output(stack.execute(concepts=dict(reversed(list(slots.items())))))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from families import FAMILIES, one_thread  # noqa: F401  (fixture)
+from harness.pack import concept_inputs
 from noise_space import plan_of, replay, sample_recorded
 from sega_testlib import node_output, pack_module
 
@@ -23,9 +24,8 @@ def model():
 def concept_node(conditioning, mask=None, concepts=None, **settings):
     """A SEGA Concept node's output, as the node makes it."""
     cls = pack_module("nodes.concept_nodes").SEGAConcept
-    inputs = dict(edit_scale=5.0, direction="add", threshold=0.5, warmup=0, cooldown=10000, weight=1.0)
-    inputs.update(settings)
-    return node_output(cls.execute(conditioning=conditioning, mask=mask, concepts=concepts, **inputs))
+    inputs = concept_inputs(conditioning, mask=mask, concepts=concepts, **{"threshold": 0.5, "warmup": 0, **settings})
+    return node_output(cls.execute(**inputs))
 
 
 def apply(model, concepts, momentum_scale=0.3):

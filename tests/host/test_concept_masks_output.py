@@ -9,6 +9,7 @@ import torch
 
 from comfy_host import run_prompt, saved_images
 from families import FAMILIES, one_thread  # noqa: F401  (fixture)
+from harness.pack import concept_node
 from noise_space import eps_of, plan_of, sample_recorded
 from sega_testlib import concept, pack_module
 
@@ -137,12 +138,9 @@ def graph(ckpt: str) -> dict:
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a portrait photo", "clip": ["ckpt", 1]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["ckpt", 1]}},
         "ctext": {"class_type": "CLIPTextEncode", "inputs": {"text": "glasses", "clip": ["ckpt", 1]}},
-        "c1": {"class_type": "SEGAConcept", "inputs": {
-            "conditioning": ["ctext", 0], "edit_scale": 10.0, "direction": "add", "threshold": 0.8, "warmup": 1,
-            "cooldown": 10000, "weight": 1.0, "label": "glasses"}},
-        "c2": {"class_type": "SEGAConcept", "inputs": {
-            "conditioning": ["ctext", 0], "edit_scale": 5.0, "direction": "remove", "threshold": 0.0, "warmup": 0,
-            "cooldown": 10000, "weight": 1.0, "label": "all", "concepts": ["c1", 0]}},
+        "c1": concept_node(["ctext", 0], edit_scale=10.0, threshold=0.8, warmup=1, label="glasses"),
+        "c2": concept_node(["ctext", 0], edit_scale=5.0, direction="remove", threshold=0.0, warmup=0, label="all",
+                           concepts=["c1", 0]),
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 48, "batch_size": 1}},
         "sampler": {"class_type": "SEGAKSampler", "inputs": {
             "model": ["ckpt", 0], "seed": 3, "steps": 4, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",

@@ -83,3 +83,22 @@ def test_run_prompt_names_the_bad_input(dummy_pack):
     prompt["1"]["inputs"]["size"] = 0
     with pytest.raises(PromptValidationError, match=r"node 1 \(HarnessDummyGray\).*size"):
         run_prompt(prompt)
+
+
+def test_concept_inputs_are_the_concept_nodes_defaults(comfy_nodes):
+    """harness.pack.concept_inputs, which the tests and the benchmarks build SEGA Concepts with, has
+    exactly the node's inputs and defaults (a new per-concept setting must be added there too)."""
+    import nodes
+
+    from harness.pack import CONCEPT_DEFAULTS, CONCEPT_OPTIONAL, NEVER, concept_inputs
+
+    spec = nodes.NODE_CLASS_MAPPINGS["SEGAConcept"].INPUT_TYPES()
+    required, optional = spec["required"], spec.get("optional", {})
+    assert set(required) == {"conditioning", *CONCEPT_DEFAULTS}
+    assert set(optional) == set(CONCEPT_OPTIONAL)
+    assert {name: required[name][1]["default"] for name in CONCEPT_DEFAULTS} == CONCEPT_DEFAULTS
+    assert required["cooldown"][1]["max"] == NEVER
+    assert concept_inputs(["t", 0], warmup=3, label="x") == {"conditioning": ["t", 0], **CONCEPT_DEFAULTS,
+                                                             "warmup": 3, "label": "x"}
+    with pytest.raises(TypeError, match="cooldwn"):
+        concept_inputs(cooldwn=3)

@@ -5,6 +5,8 @@ import re
 
 import pytest
 
+from harness.pack import concept_inputs
+
 SEGA_NODES = ["SEGAConcept", "SEGAConceptStack", "SEGAApply", "SEGAGuider", "SEGAKSampler", "SEGASaveEdit",
               "SEGAReplayEdit", "SEGAInvertPhoto", "SEGAPhotoEdit", "SEGAPhotoGuider", "SEGAInversionSampler"]
 
@@ -69,7 +71,7 @@ def _call(cls, **kwargs):
 def test_concepts_chain_and_stack_in_order(registry):
     concept_cls = registry.NODE_CLASS_MAPPINGS["SEGAConcept"]
     stack_cls = registry.NODE_CLASS_MAPPINGS["SEGAConceptStack"]
-    settings = dict(edit_scale=5.0, direction="add", threshold=0.9, warmup=10, cooldown=10000, weight=1.0)
+    settings = concept_inputs()  # the node's defaults
     a = _call(concept_cls, conditioning=[["a", {}]], label="a", **settings)
     ab = _call(concept_cls, conditioning=[["b", {}]], label="b", concepts=a, **settings)
     assert [c.label for c in ab] == ["a", "b"]
@@ -77,7 +79,7 @@ def test_concepts_chain_and_stack_in_order(registry):
     stacked = _call(stack_cls, concepts={"concepts0": ab, "concepts1": c, "concepts10": a, "concepts2": None})
     assert [s.label for s in stacked] == ["a", "b", "c", "a"]
     assert stacked[2].concept.reverse and stacked[2].concept.cooldown == 7
-    assert stacked[0].concept.cooldown is None  # 10000 means never, the reference's None
+    assert stacked[0].concept.cooldown is None  # the default (NEVER) means never, the reference's None
 
 
 def test_concept_threshold_is_validated_before_running(registry):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from comfy_host import PromptValidationError, run_prompt, saved_images
+from harness.pack import concept_node
 from sega_graphs import sampler_inputs
 
 STEPS = 6
@@ -20,10 +21,7 @@ def base_graph(ckpt: str, concepts: list[tuple[str, dict]], batch: int = 1) -> d
     refs = []
     for i, (text, settings) in enumerate(concepts):
         g[f"ctext{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["ckpt", 1]}}
-        inputs = {"conditioning": [f"ctext{i}", 0], "edit_scale": 5.0, "direction": "add", "threshold": 0.9,
-                  "warmup": 2, "cooldown": 10000, "weight": 1.0, "label": text}
-        inputs.update(settings)
-        g[f"concept{i}"] = {"class_type": "SEGAConcept", "inputs": inputs}
+        g[f"concept{i}"] = concept_node([f"ctext{i}", 0], **{"warmup": 2, "label": text, **settings})
         refs.append([f"concept{i}", 0])
     if refs:
         g["stack"] = {"class_type": "SEGAConceptStack",
