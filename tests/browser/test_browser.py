@@ -304,3 +304,63 @@ def test_mask_preview_on_the_guider(page_and_console, comfy_server):
     assert page.evaluate("async (url) => (await import(url)).maskPreview(app.graph.getNodeById(12))",
                          PREVIEW_JS) is None  # not on SamplerCustomAdvanced
     assert not [c for c in console[before:] if c[0] in ("error", "pageerror")]
+
+
+def test_readme_pictures(page_and_console, comfy_server, artifacts_dir):
+    """The README's pictures (docs/*.png), as a user sees the product, written to
+    <artifacts>/readme/ (to update the README, copy them to docs/ in 256 colours): the first example with its
+    checkpoint installed (no missing-model warning), and the mask preview of the several-concepts
+    example with its own labels, after a run."""
+    page = page_and_console[0]
+    out = artifacts_dir / "readme"
+    out.mkdir(exist_ok=True)
+    # the examples' checkpoint name, present on the server (the tiny model under that name)
+    example = json.loads((WORKFLOWS_DIR / "01-add-concept-portrait-sd15.json").read_text())
+    ckpt_name = next(n["widgets_values"][0] for n in example["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    installed = comfy_server.base / "models" / "checkpoints" / ckpt_name
+    if not installed.exists():
+        installed.symlink_to(comfy_server.base / "models" / "checkpoints" / comfy_server.ckpt_name)
+    page.set_viewport_size({"width": 1280, "height": 760})
+    try:
+        page.evaluate("""async () => { await app.refreshComboInNodes();
+            await app.extensionManager.setting.set('Comfy.Graph.CanvasInfo', false); }""")
+        load(page, example)
+        page.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+        page.wait_for_timeout(1500)  # a missing-model warning would have come by now
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        assert page.evaluate("() => document.querySelectorAll('.p-toast-message').length") == 0
+        assert ckpt_name not in page.evaluate("() => document.body.innerText")  # no warning names it
+        page.screenshot(path=str(out / "example-workflow.png"))
+
+        wf = json.loads((WORKFLOWS_DIR / "04-several-concepts-stack.json").read_text())
+        # as it stands (50 steps, the concepts' windows), on the tiny model under the example's name;
+        # a 128x128 latent (not in the picture) keeps the run short on a CPU
+        prompt = load(page, wf)["output"]
+        prompt["5"]["inputs"].update(width=128, height=128)
+        client_id = page.evaluate("async () => (await import('/scripts/api.js')).api.clientId")
+        status, body = comfy_server.post_json("/api/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200, body
+        assert comfy_server.wait_history(body["prompt_id"])["status"]["status_str"] == "success"
+        # the node alone at a readable zoom, clear of the page's side bar and menus
+        page.set_viewport_size({"width": 1280, "height": 1000})
+        page.evaluate("""() => { const n = app.graph.getNodeById(13); const ds = app.canvas.ds; ds.scale = 1.4;
+            ds.offset[0] = 300 / ds.scale - n.pos[0]; ds.offset[1] = 160 / ds.scale - n.pos[1]; }""")
+        preview = page.wait_for_function("""async (url) => {
+            const { maskPreview } = await import(url);
+            app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+            const p = maskPreview(app.graph.getNodeById(13));
+            return p && p.step === p.steps - 1 && p.tiles.length === 3 && p.tiles[0].shown && p;
+        }""", arg=PREVIEW_JS, timeout=30000).json_value()
+        assert [t["label"] for t in preview["tiles"]] == ["smiling", "glasses", "beard"]
+        assert [t["active"] for t in preview["tiles"]] == [True, False, True]  # glasses: steps 10-30
+        box = page.evaluate("""() => { const n = app.graph.getNodeById(13); const ds = app.canvas.ds;
+            const r = app.canvas.canvas.getBoundingClientRect(); const t = LiteGraph.NODE_TITLE_HEIGHT;
+            return {x: r.left + (n.pos[0] - 8 + ds.offset[0]) * ds.scale,
+                    y: r.top + (n.pos[1] - t - 8 + ds.offset[1]) * ds.scale,
+                    w: (n.size[0] + 16) * ds.scale, h: (n.size[1] + t + 16) * ds.scale}; }""")
+        page.screenshot(path=str(out / "mask-preview.png"), clip={"x": box["x"], "y": box["y"],
+                                                                   "width": box["w"], "height": box["h"]})
+    finally:
+        page.set_viewport_size({"width": 1600, "height": 1000})
+        page.evaluate("() => app.extensionManager.setting.set('Comfy.Graph.CanvasInfo', true)")
+    print(f"README pictures: {out}")
