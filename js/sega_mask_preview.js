@@ -1,11 +1,11 @@
 // SEGA: while sampling, draws on the SEGA node that samples (SEGA KSampler, SEGA Guider, SEGA
-// Apply) where each concept acts at the current step: the positions its threshold keeps (white),
+// Apply, SEGA Photo Edit, SEGA Photo Guider) where each concept acts at the current step: the positions its threshold keeps (white),
 // one tile per concept, labelled. The server sends them as event "sega.masks".
 // Canvas only: adds no widget and nothing to saved prompts; labels are drawn as text (fillText).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const NODES = new Set(["SEGAKSampler", "SEGAGuider", "SEGAApply"]);
+const NODES = new Set(["SEGAKSampler", "SEGAGuider", "SEGAApply", "SEGAPhotoEdit", "SEGAPhotoGuider"]);
 const TILE = 64; // the longer side of a tile, in graph units
 const GAP = 6;
 const LABEL = 14; // height of a tile's label line
