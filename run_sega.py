@@ -21,7 +21,7 @@ from pathlib import Path
 
 from harness.host import HostError, find_comfyui, init_nodes, prepare_host
 from harness.prompts import execute_prompt
-from harness.tiny import TINY_NAME, tiny_checkpoint  # noqa: F401  (TINY_NAME: the tests name the checkpoint)
+from harness.tiny import tiny_checkpoint
 from harness.workflow import DEFAULT_WORKFLOW, WorkflowError, nodes_of, side_by_side, source_of, ui_to_api
 
 log = logging.getLogger("run_sega")

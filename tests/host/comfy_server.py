@@ -19,8 +19,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[2]
-PACK_NAME = "comfyui-sega"
+from harness.host import PACK_NAME, PACK_ROOT  # noqa: F401  (re-exported)
 
 
 def host_dir() -> Path:

@@ -129,10 +129,9 @@ def _example(name: str, ckpt: str, steps: int = 3, size: int = 64) -> dict:
     import json
 
     from comfy_host import PACK_ROOT
+    from harness.workflow import ui_to_api
 
-    import run_sega
-
-    prompt = run_sega.ui_to_api(json.loads((PACK_ROOT / "workflows" / name).read_text()))
+    prompt = ui_to_api(json.loads((PACK_ROOT / "workflows" / name).read_text()))
     for node in prompt.values():
         ct, inputs = node["class_type"], node["inputs"]
         if ct == "CheckpointLoaderSimple":

@@ -63,17 +63,18 @@ def test_converts_every_shipped_workflow_for_comfyui(comfy_nodes):
     """ui_to_api gives prompts ComfyUI's validation accepts (the browser tests compare them with the frontend's)."""
     import execution
 
-    import run_sega
+    from harness.tiny import TINY_NAME
+    from run_sega import ui_to_api
 
     checked = 0
     for path in sorted((PACK_ROOT / "workflows").glob("*.json")):
-        prompt = run_sega.ui_to_api(json.loads(path.read_text()))
+        prompt = ui_to_api(json.loads(path.read_text()))
         kinds = {node["class_type"] for node in prompt.values()}
         if kinds & {"LoadImage", "SEGAReplayEdit"}:
             continue  # they name files a user would have (an input image, a saved edit)
         for node in prompt.values():
             if node["class_type"] == "CheckpointLoaderSimple":
-                node["inputs"]["ckpt_name"] = run_sega.TINY_NAME
+                node["inputs"]["ckpt_name"] = TINY_NAME
         valid, error, _, node_errors = asyncio.run(execution.validate_prompt("t", prompt, None))
         assert valid, (path.name, error, node_errors)
         checked += 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-PACK_ROOT = Path(__file__).resolve().parents[2]
-CACHE_DIR = Path(os.environ.get("SEGA_TEST_CACHE") or Path.home() / ".cache" / "comfyui-sega")
+from harness.host import CACHE_DIR, PACK_ROOT  # noqa: F401  (PACK_ROOT: re-exported)
+
 # The Registry's packer and validator; bump on purpose, after reading its changes.
 COMFY_CLI = "comfy-cli==1.23.0"
 PIP_TIMEOUT_S = 600
