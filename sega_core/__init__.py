@@ -6,6 +6,8 @@ these functions with noise-space predictions.
 """
 from .concepts import Concept, Plan, SEGAValueError, concept_acts
 from .guidance import StepResult, sega_step, threshold_edit, quantile_threshold
+from .attention import (attention_mask, combine_masks, intersects, smooth, smoothing_kernel, token_attention,
+                        token_positions)
 from .ledits import (Inversion, draw_noises, dpmpp_2m_sde_step, euler_ancestral_rf_step, implicit_mask, invert,
                      ledits_guidance, ledits_rows, ledits_timesteps, noisy_latents, replay)
 
@@ -13,4 +15,7 @@ __all__ = ["Concept", "Plan", "SEGAValueError", "StepResult", "concept_acts", "s
            "quantile_threshold",
            # LEDITS++ photo editing (sega_core.ledits)
            "Inversion", "draw_noises", "dpmpp_2m_sde_step", "euler_ancestral_rf_step", "implicit_mask", "invert",
-           "ledits_guidance", "ledits_rows", "ledits_timesteps", "noisy_latents", "replay"]
+           "ledits_guidance", "ledits_rows", "ledits_timesteps", "noisy_latents", "replay",
+           # LEDITS++'s cross-attention masks (sega_core.attention)
+           "attention_mask", "combine_masks", "intersects", "smooth", "smoothing_kernel", "token_attention",
+           "token_positions"]

@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+MASK_FROM = ("implicit", "attention", "intersect")  # where a concept acts (Concept.mask_from)
+
 
 class SEGAValueError(ValueError):
     """A SEGA setting is out of range. The message names the setting and the fix."""
@@ -30,6 +32,8 @@ class Concept:
     cooldown:  the step from which the edit is zero; None never cools down.
     weight:    g_i, relative weight among concepts (1.0); negative values count as 0.
     reverse:   True moves the image away from the concept ("remove"), False towards it.
+    mask_from: where the concept acts: "implicit" (its own threshold, the default), "attention"
+               (LEDITS++'s cross-attention mask M1, arXiv:2311.16711) or "intersect" (both).
     """
 
     scale: float = 5.0
@@ -38,6 +42,7 @@ class Concept:
     cooldown: Optional[int] = None
     weight: float = 1.0
     reverse: bool = False
+    mask_from: str = "implicit"
 
     def validate(self, where: str = "SEGA Concept") -> "Concept":
         if not math.isfinite(self.scale):
@@ -51,6 +56,9 @@ class Concept:
             raise SEGAValueError(f"{where}: warmup must be >= 0 steps, got {self.warmup}.")
         if self.cooldown is not None and self.cooldown < 0:
             raise SEGAValueError(f"{where}: cooldown must be >= 0 steps (or off), got {self.cooldown}.")
+        if self.mask_from not in MASK_FROM:
+            raise SEGAValueError(
+                f"{where}: mask_from must be one of {', '.join(MASK_FROM)}, got {self.mask_from!r}.")
         return self
 
 
@@ -69,6 +77,7 @@ class Plan:
     weight: tuple  # clamped to >= 0 as the reference does
     momentum_scale: float = 0.1  # s_m
     momentum_beta: float = 0.4  # beta_m
+    mask_from: tuple = ()  # per concept: "implicit", "attention" or "intersect"; () for all implicit
 
     @classmethod
     def build(cls, concepts: Sequence[Concept], momentum_scale: float = 0.1, momentum_beta: float = 0.4,
@@ -89,6 +98,7 @@ class Plan:
             weight=tuple(max(float(c.weight), 0.0) for c in concepts),
             momentum_scale=float(momentum_scale),
             momentum_beta=float(momentum_beta),
+            mask_from=tuple(c.mask_from for c in concepts),
         )
 
     def __len__(self) -> int:
@@ -98,6 +108,11 @@ class Plan:
     def inert(self) -> bool:
         """True when no concept can ever change the image (empty, or every scale or weight 0)."""
         return not any(s != 0.0 and w > 0.0 for s, w in zip(self.signed_scale, self.weight))
+
+    @property
+    def attention(self) -> list:
+        """Concepts whose mask needs their cross-attention map (mask_from attention or intersect)."""
+        return [c for c, m in enumerate(self.mask_from) if m != "implicit"]
 
     def warmed(self, step: int) -> list:
         """Concepts past their warm-up at `step` (cooled-down ones included, as in the reference)."""

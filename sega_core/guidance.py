@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .concepts import Plan, concept_acts
+from .concepts import Plan, SEGAValueError, concept_acts
 
 # The histogram selection is used on the CPU for rows of at least this many elements, in blocks
 # of at least _HISTOGRAM_MIN_BLOCK: below that its fixed cost outweighs kthvalue (measured with
@@ -271,6 +271,34 @@ class StepResult(NamedTuple):
     kept: Optional[torch.Tensor] = None  # with return_kept: the entries each concept's threshold keeps
 
 
+def _attention_masks(d: torch.Tensor, rows: Sequence[int], plan, attn_masks, both: bool,
+                     kept: Optional[torch.Tensor]) -> None:
+    """Masks the (K, B, C, ...) stack `d` in place by each row's plan.mask_from: the threshold
+    (Eq. 5) for "implicit" (and "intersect" when `both`), then M1 for "attention" and "intersect"."""
+    modes = [plan.mask_from[c] for c in rows]
+    thr = [k for k, m in enumerate(modes) if m == "implicit" or (m == "intersect" and both)]
+    if kept is not None:
+        kept.fill_(True)
+    if thr:
+        index = _constant(tuple(thr), torch.long, d.device)
+        part = d.index_select(0, index)
+        part_keep = None if kept is None else torch.empty(part.shape, dtype=torch.bool, device=d.device)
+        _threshold_in_place(part, [plan.threshold[rows[k]] for k in thr], part_keep)
+        d.index_copy_(0, index, part)
+        if part_keep is not None:
+            kept.index_copy_(0, index, part_keep)
+    for k, c in enumerate(rows):
+        if modes[k] == "implicit":
+            continue
+        m1 = None if attn_masks is None else attn_masks[c]
+        if m1 is None:
+            raise SEGAValueError(f"concept #{c + 1}: mask_from {modes[k]!r} needs its attention mask, and none was given.")
+        m1 = m1.to(device=d.device, dtype=torch.bool)
+        d[k].mul_(m1)
+        if kept is not None:
+            kept[k] &= m1
+
+
 def sega_step(
     uncond: torch.Tensor,
     concept_preds: Optional[torch.Tensor],
@@ -281,6 +309,8 @@ def sega_step(
     inactive: Sequence[int] = (),
     masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
     return_kept: bool = False,
+    attn_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    intersect_both: bool = True,
 ) -> StepResult:
     """SEGA's edit for one sampler step, and the momentum after it.
 
@@ -298,6 +328,11 @@ def sega_step(
     return_kept:   also return `kept`, a bool tensor (len(rows), B, C, ...): the entries each
                    concept's threshold keeps (Eq. 5, before any mask), or None when `rows` is
                    empty. Costs one extra copy of the mask; off, nothing extra is computed.
+    attn_masks:    optional, one entry per concept of the plan: None, or its cross-attention mask
+                   M1 (B, 1, ...) (LEDITS++, arXiv:2311.16711; sega_core.attention), used by the
+                   concepts whose plan.mask_from is "attention" (M1 in place of the threshold) or
+                   "intersect" (the threshold's entries inside M1 when `intersect_both`, else M1).
+                   `kept` then holds the mask used.
     Returns a StepResult (edit, momentum', kept): edit is added to the CFG noise prediction
     (eps = u + s_g (t - u) + edit), or None for no edit this step; kept is None without return_kept.
 
@@ -319,7 +354,10 @@ def sega_step(
         d.mul_(_per_concept([plan.signed_scale[c] for c in rows], d))  # Eq. 4, reverse concepts negated
         if return_kept:
             kept = torch.empty(d.shape, dtype=torch.bool, device=d.device)
-        _threshold_in_place(d, [plan.threshold[c] for c in rows], kept)  # Eq. 5
+        if not plan.mask_from or all(plan.mask_from[c] == "implicit" for c in rows):
+            _threshold_in_place(d, [plan.threshold[c] for c in rows], kept)  # Eq. 5
+        else:
+            _attention_masks(d, rows, plan, attn_masks, intersect_both, kept)
         if masks is not None:
             for k, c in enumerate(rows):
                 if masks[c] is not None:

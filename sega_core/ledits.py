@@ -20,6 +20,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .attention import combine_masks
 from .concepts import Plan, SEGAValueError
 from .guidance import quantile_threshold
 
@@ -261,8 +262,9 @@ def implicit_mask(g: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def ledits_guidance(uncond: torch.Tensor, preds: Optional[torch.Tensor], rows: Sequence[int], step: int,
                     plan: Plan, user_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                    inactive: Sequence[int] = (), return_kept: bool = False):
-    """LEDITS++'s edit for one step (arXiv:2311.16711, implicit-mask mode).
+                    inactive: Sequence[int] = (), return_kept: bool = False,
+                    attn_masks: Optional[Sequence[Optional[torch.Tensor]]] = None, intersect_both: bool = True):
+    """LEDITS++'s edit for one step (arXiv:2311.16711).
 
     uncond: (B, C, ...) eps; preds: (len(rows), B, C, ...) eps of the plan's concepts `rows` (as
     `ledits_rows` gives them; others in `rows` are skipped). For each concept acting at `step`:
@@ -271,6 +273,10 @@ def ledits_guidance(uncond: torch.Tensor, preds: Optional[torch.Tensor], rows: S
     weights, no normalisation, no momentum). In eps units: eps = uncond + edit, i.e.
     denoised_final = denoised_uncond - sigma * edit.
     user_masks: one entry per concept of the plan, None or broadcastable to (B, C, ...).
+    attn_masks: one entry per concept of the plan: None, or its cross-attention mask M1 (B, 1, ...)
+    (sega_core.attention.attention_mask), used by the concepts whose plan.mask_from is "attention"
+    (M1 in place of M2) or "intersect" (M1 * M2 when `intersect_both`, else M1: see
+    sega_core.attention.intersects).
     Returns the edit, or None when no concept acts; with return_kept also `kept`, a bool
     (len(rows), B, C, ...) of the positions each row's mask keeps (False for rows that do not act),
     or None without rows.
@@ -286,7 +292,13 @@ def ledits_guidance(uncond: torch.Tensor, preds: Optional[torch.Tensor], rows: S
         g = (preds[k] - uncond) * plan.signed_scale[c]
         if user_masks is not None and user_masks[c] is not None:
             g = g * user_masks[c].to(device=g.device, dtype=g.dtype)
-        m = implicit_mask(g, plan.threshold[c])
+        mode = plan.mask_from[c] if plan.mask_from else "implicit"
+        if mode == "implicit":
+            m = implicit_mask(g, plan.threshold[c])
+        else:
+            m1 = None if attn_masks is None else attn_masks[c]
+            m2 = implicit_mask(g, plan.threshold[c]) if mode == "intersect" and intersect_both else None
+            m = combine_masks(mode, m1, m2, intersect_both)
         g = torch.where(m, g, torch.zeros((), dtype=g.dtype, device=g.device))
         edit = g if edit is None else edit + g
         if kept is not None:
