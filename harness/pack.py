@@ -65,7 +65,24 @@ def concept_node(conditioning, **settings) -> dict:
     return {"class_type": "SEGAConcept", "inputs": concept_inputs(conditioning, **settings)}
 
 
-class RowCounter:
+class ModelHook:
+    """Base of the hooks the tests and the benchmarks put on a model: `attach(model)` returns a clone
+    with the hook installed (`install`). ComfyUI v0.8.0 deep-copies model_options, and the hooks in
+    them, when it clones a model: the copy is this same object, so it keeps recording."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def attach(self, model):
+        m = model.clone()
+        self.install(m)
+        return m
+
+    def install(self, model) -> None:
+        raise NotImplementedError
+
+
+class RowCounter(ModelHook):
     """Counts UNet calls and the rows of each, through ComfyUI's model function wrapper."""
 
     def __init__(self):
@@ -80,11 +97,5 @@ class RowCounter:
             self.y.append(args["c"]["y"].clone())
         return apply_model(args["input"], args["timestep"], **args["c"])
 
-    def __deepcopy__(self, memo):
-        # ComfyUI v0.8.0 deep-copies model_options when cloning a model: keep counting here
-        return self
-
-    def attach(self, model):
-        m = model.clone()
-        m.set_model_unet_function_wrapper(self)
-        return m
+    def install(self, model) -> None:
+        model.set_model_unet_function_wrapper(self)

@@ -16,7 +16,7 @@ import comfy.sample
 import comfy.supported_models
 
 from harness.host import PACK_ROOT  # noqa: F401  (re-exported)
-from harness.pack import RowCounter, import_pack, node_output, pack_module  # noqa: F401  (re-exported)
+from harness.pack import ModelHook, RowCounter, import_pack, node_output, pack_module  # noqa: F401  (re-exported)
 from harness.tiny import init_weights, patcher, unet_config
 
 
@@ -69,7 +69,7 @@ def sample(model, positive, negative, steps=6, cfg=7.5, sampler="euler", schedul
                                denoise=denoise, seed=seed, disable_pbar=True)
 
 
-class Recorder:
+class Recorder(ModelHook):
     """Records, per main evaluation, the inputs SEGA sees and the denoised result after it.
 
     Its CALC_COND_BATCH wrapper sits inside SEGA's, so it sees the concept rows; its post-cfg
@@ -79,15 +79,9 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def __deepcopy__(self, memo):
-        # ComfyUI v0.8.0 deep-copies model_options (and the bound post_cfg in it) when cloning a model
-        return self
-
-    def attach(self, model):
-        m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test-recorder", self.calc)
-        m.set_model_sampler_post_cfg_function(self.post_cfg)
-        return m
+    def install(self, model) -> None:
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test-recorder", self.calc)
+        model.set_model_sampler_post_cfg_function(self.post_cfg)
 
     def calc(self, executor, model, conds, x_in, timestep, model_options):
         out = executor(model, conds, x_in, timestep, model_options)
