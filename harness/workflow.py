@@ -2,6 +2,8 @@
 prompt run_sega.py runs (the workflow without SEGA and with it, on the same seed)."""
 from __future__ import annotations
 
+import json
+
 from .host import PACK_ROOT
 
 DEFAULT_WORKFLOW = PACK_ROOT / "workflows" / "01-add-concept-portrait-sd15.json"
@@ -124,3 +126,25 @@ def side_by_side(prompt: dict, prefix: str) -> dict:
         "spacing_width": 8, "spacing_color": "white"}}
     out["sega_save"] = {"class_type": "SaveImage", "inputs": {"images": ["sega_stitch", 0], "filename_prefix": prefix}}
     return out
+
+
+def small_run(prompt: dict, ckpt: str, steps: int = 3, size: int = 64) -> dict:
+    """A copy of an API prompt for a quick run: checkpoint `ckpt`, `steps` sampler steps, size x size
+    empty latents, every SEGA Concept still acting within the short run (warm-up at most 1, a
+    cool-down that would fall inside the run moved to its last step)."""
+    from .pack import NEVER
+
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = ckpt
+        if kind in ("KSampler", "SEGAKSampler", "BasicScheduler"):
+            inputs["steps"] = steps
+        if kind == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = size
+        if kind == "SEGAConcept":
+            inputs["warmup"] = min(inputs["warmup"], 1)
+            if inputs["cooldown"] < NEVER:
+                inputs["cooldown"] = steps - 1
+    return prompt

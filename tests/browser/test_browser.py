@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from comfy_browser import PACK_NAME, is_stock_console_error, open_page, why_no_browser
-from run_sega import ui_to_api
+from harness.workflow import small_run, ui_to_api
 
 _missing = why_no_browser()
 if _missing:
@@ -56,20 +56,7 @@ def load(page, wf: dict) -> dict:
 
 def small(prompt: dict, ckpt: str) -> dict:
     """The API prompt with the tiny checkpoint, few steps and 64x64 latents (test only)."""
-    prompt = json.loads(json.dumps(prompt))
-    for node in prompt.values():
-        ct, inputs = node["class_type"], node["inputs"]
-        if ct == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = ckpt
-        if ct in ("KSampler", "SEGAKSampler", "BasicScheduler"):
-            inputs["steps"] = STEPS
-        if ct == "EmptyLatentImage":
-            inputs["width"] = inputs["height"] = SIZE
-        if ct == "SEGAConcept":  # keep the concept acting within the short run
-            inputs["warmup"] = min(inputs["warmup"], 1)
-            if inputs["cooldown"] < 10000:
-                inputs["cooldown"] = STEPS - 1
-    return prompt
+    return small_run(prompt, ckpt, STEPS, SIZE)
 
 
 def queue_and_wait(server, prompt: dict) -> dict:

@@ -129,20 +129,9 @@ def _example(name: str, ckpt: str, steps: int = 3, size: int = 64) -> dict:
     import json
 
     from comfy_host import PACK_ROOT
-    from harness.workflow import ui_to_api
+    from harness.workflow import small_run, ui_to_api
 
-    prompt = ui_to_api(json.loads((PACK_ROOT / "workflows" / name).read_text()))
-    for node in prompt.values():
-        ct, inputs = node["class_type"], node["inputs"]
-        if ct == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = ckpt
-        if ct in ("KSampler", "SEGAKSampler"):
-            inputs["steps"] = steps
-        if ct == "EmptyLatentImage":
-            inputs["width"] = inputs["height"] = size
-        if ct == "SEGAConcept":
-            inputs["warmup"] = min(inputs["warmup"], 1)
-    return prompt
+    return small_run(ui_to_api(json.loads((PACK_ROOT / "workflows" / name).read_text())), ckpt, steps, size)
 
 
 def test_example_workflows_record_on_one_seed_and_replay_on_four_others(ckpt, folders):
