@@ -349,3 +349,36 @@ def test_model_giving_nan_with_no_concepts_is_an_error(comfy_nodes, model):
         sampler.execute(model=broken, seed=0, steps=1, cfg=7.5, sampler_name="euler", scheduler="normal",
                         positive=cond(1), negative=cond(2), latent_image={"samples": torch.zeros(1, 4, SIZE, SIZE)},
                         denoise=1.0, momentum_scale=0.1, momentum_beta=0.4)
+
+
+@pytest.mark.parametrize("settings,momentum,message", [
+    (dict(threshold=1.0), (0.1, 0.4), r"SEGA KSampler: SEGA Concept 'x': threshold must be in \[0, 1\)"),
+    (dict(scale=float("nan")), (0.1, 0.4), r"SEGA KSampler: SEGA Concept 'x': edit_scale must be a finite number"),
+    (dict(cooldown=-1), (0.1, 0.4), r"SEGA KSampler: SEGA Concept 'x': cooldown must be >= 0"),
+    (dict(), (0.1, 1.5), r"SEGA KSampler: momentum_beta must be in \[0, 1\], got 1.5"),
+], ids=["threshold", "edit_scale", "cooldown", "momentum_beta"])
+def test_settings_are_validated_once_with_one_message(model, monkeypatch, settings, momentum, message):
+    """Through the Python API a bad setting is refused when the sampler node builds its plan, once per
+    concept, with a message naming the node, the concept and the setting; the SEGA Concept node's
+    check before running gives the same words for threshold."""
+    concepts, errors = pack_module("sega_core.concepts"), pack_module("nodes.errors")
+    checked = []
+    real = concepts.Concept.validate
+    monkeypatch.setattr(concepts.Concept, "validate", lambda self, *a: checked.append(self) or real(self, *a))
+    specs = [concept(cond(3), label="y"), concept(cond(4), label="x", **settings)]
+    with pytest.raises(errors.SEGAError, match=message) as refused:
+        pack_module("nodes.patch").apply_sega(model, specs, *momentum, node="SEGA KSampler")
+    assert checked == ([] if "momentum" in message else [s.concept for s in specs])
+    if "threshold" in settings:
+        said = pack_module("nodes.concept_nodes").SEGAConcept.validate_inputs(threshold=1.0)
+        assert said == "SEGA Concept: " + str(refused.value).split(": ", 2)[2]
+
+
+def test_good_settings_are_checked_once(model, monkeypatch):
+    concepts = pack_module("sega_core.concepts")
+    checked = []
+    real = concepts.Concept.validate
+    monkeypatch.setattr(concepts.Concept, "validate", lambda self, *a: checked.append(self) or real(self, *a))
+    specs = [concept(cond(3), label="y"), concept(cond(4), warmup=2)]
+    pack_module("nodes.patch").apply_sega(model, specs, 0.1, 0.4)
+    assert checked == [s.concept for s in specs]
