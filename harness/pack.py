@@ -14,8 +14,9 @@ from .host import PACK_ROOT
 # The module name the pack is imported under here (its folder name may not be a valid module name).
 MODULE_NAME = "comfyui_sega_under_test"
 
-# The SEGA Concept node's cool-down that never triggers (the reference's None) and its other
-# defaults; tests/host/test_harness.py checks them against the node's own schema.
+# The SEGA Concept node's cool-down that never triggers (the reference's None), the defaults of its
+# required inputs and the optional inputs concept_inputs takes; tests/host/test_harness.py checks
+# them against the node's own schema.
 NEVER = 10000
 CONCEPT_DEFAULTS = {"edit_scale": 5.0, "direction": "add", "threshold": 0.9, "warmup": 10, "cooldown": NEVER,
                     "weight": 1.0}
