@@ -1,11 +1,13 @@
 """Per-concept settings of SEGA and their once-per-run preparation."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 MASK_FROM = ("implicit", "attention", "intersect")  # where a concept acts (Concept.mask_from)
+WINDOW_UNITS = ("steps", "fraction")  # how a concept's warmup and cooldown count (Concept.window_unit)
 
 
 class SEGAValueError(ValueError):
@@ -22,6 +24,26 @@ def concept_acts(step: int, warmup: int, cooldown: float, scale: float = 1.0, we
     return warmup <= step < cooldown and scale != 0.0 and weight > 0.0
 
 
+def first_step_at(fraction: float, steps: int) -> int:
+    """The first step i (0 <= i <= steps) with fraction <= i / steps: where a window given as a
+    fraction of a `steps`-step schedule starts or stops (steps when no step reaches it)."""
+    steps = max(int(steps), 1)
+    i = min(max(math.ceil(fraction * steps), 0), steps)
+    # fraction * steps is rounded: settle on the exact comparison i / steps, as the definition reads
+    while i > 0 and fraction <= (i - 1) / steps:
+        i -= 1
+    while i < steps and not fraction <= i / steps:
+        i += 1
+    return i
+
+
+def step_window(start: float, end: Optional[float], steps: int) -> tuple:
+    """(warmup, cooldown) in steps of a window [start, end) given as fractions of a `steps`-step
+    schedule: the concept acts at step i when start <= i / steps < end (end None: to the end of the
+    run; the cooldown is then math.inf)."""
+    return first_step_at(start, steps), math.inf if end is None else first_step_at(end, steps)
+
+
 @dataclass(frozen=True)
 class Concept:
     """One editing concept's settings, with the paper's defaults (Sec. 3, App. D).
@@ -34,6 +56,9 @@ class Concept:
     reverse:   True moves the image away from the concept ("remove"), False towards it.
     mask_from: where the concept acts: "implicit" (its own threshold, the default), "attention"
                (LEDITS++'s cross-attention mask M1, arXiv:2311.16711) or "intersect" (both).
+    window_unit: how warmup and cooldown count: "steps" (sampler steps, the default) or "fraction"
+               (fractions of the run's schedule in [0, 1]: the concept acts at step i of an N-step
+               schedule when warmup <= i / N < cooldown; Plan.for_steps turns them into steps).
     """
 
     scale: float = 5.0
@@ -43,6 +68,7 @@ class Concept:
     weight: float = 1.0
     reverse: bool = False
     mask_from: str = "implicit"
+    window_unit: str = "steps"
 
     def validate(self, where: str = "SEGA Concept") -> "Concept":
         if not math.isfinite(self.scale):
@@ -52,6 +78,16 @@ class Concept:
                 f"{where}: threshold must be in [0, 1) (0.9 keeps the top 10% of the edit), got {self.threshold}.")
         if not math.isfinite(self.weight):
             raise SEGAValueError(f"{where}: weight must be a finite number, got {self.weight}.")
+        if self.window_unit not in WINDOW_UNITS:
+            raise SEGAValueError(
+                f"{where}: window_unit must be one of {', '.join(WINDOW_UNITS)}, got {self.window_unit!r}.")
+        if self.window_unit == "fraction":
+            if not (0.0 <= self.warmup <= 1.0):
+                raise SEGAValueError(f"{where}: warmup must be a fraction of the schedule in [0, 1] "
+                                     f"(0.2 = after a fifth of the steps), got {self.warmup}.")
+            if self.cooldown is not None and not (0.0 <= self.cooldown <= 1.0):
+                raise SEGAValueError(f"{where}: cooldown must be a fraction of the schedule in [0, 1] "
+                                     f"(or off), got {self.cooldown}.")
         if self.warmup < 0:
             raise SEGAValueError(f"{where}: warmup must be >= 0 steps, got {self.warmup}.")
         if self.cooldown is not None and self.cooldown < 0:
@@ -78,6 +114,9 @@ class Plan:
     momentum_scale: float = 0.1  # s_m
     momentum_beta: float = 0.4  # beta_m
     mask_from: tuple = ()  # per concept: "implicit", "attention" or "intersect"; () for all implicit
+    # per concept: "steps" or "fraction" while some window is a fraction of the schedule (warmup and
+    # cooldown then hold fractions for those); () once every window is in steps (Plan.for_steps)
+    window_unit: tuple = ()
 
     @classmethod
     def build(cls, concepts: Sequence[Concept], momentum_scale: float = 0.1, momentum_beta: float = 0.4,
@@ -93,13 +132,34 @@ class Plan:
         return cls(
             signed_scale=tuple(-float(c.scale) if c.reverse else float(c.scale) for c in concepts),
             threshold=tuple(float(c.threshold) for c in concepts),
-            warmup=tuple(int(c.warmup) for c in concepts),
-            cooldown=tuple(math.inf if c.cooldown is None else int(c.cooldown) for c in concepts),
+            warmup=tuple(float(c.warmup) if c.window_unit == "fraction" else int(c.warmup) for c in concepts),
+            cooldown=tuple(math.inf if c.cooldown is None else float(c.cooldown) if c.window_unit == "fraction"
+                           else int(c.cooldown) for c in concepts),
             weight=tuple(max(float(c.weight), 0.0) for c in concepts),
             momentum_scale=float(momentum_scale),
             momentum_beta=float(momentum_beta),
             mask_from=tuple(c.mask_from for c in concepts),
+            window_unit=tuple(c.window_unit for c in concepts)
+            if any(c.window_unit != "steps" for c in concepts) else (),
         )
+
+    def for_steps(self, steps: int) -> "Plan":
+        """This plan with every window in steps of a `steps`-step schedule (the run's full schedule,
+        known when a run starts): a window [a, b) of fractions becomes the steps i with
+        a <= i / steps < b. A plan already in steps is returned as it is (the same object)."""
+        if not self.window_unit:
+            return self
+        warmup, cooldown = list(self.warmup), list(self.cooldown)
+        for c, unit in enumerate(self.window_unit):
+            if unit == "fraction":
+                warmup[c], cooldown[c] = step_window(self.warmup[c], None if math.isinf(self.cooldown[c])
+                                                     else self.cooldown[c], steps)
+        return dataclasses.replace(self, warmup=tuple(warmup), cooldown=tuple(cooldown), window_unit=())
+
+    def _in_steps(self) -> None:
+        if self.window_unit:
+            raise SEGAValueError("SEGA: this plan has windows as fractions of the schedule; turn them into steps "
+                                 "with Plan.for_steps(steps) when the run's step count is known.")
 
     def __len__(self) -> int:
         return len(self.signed_scale)
@@ -116,11 +176,13 @@ class Plan:
 
     def warmed(self, step: int) -> list:
         """Concepts past their warm-up at `step` (cooled-down ones included, as in the reference)."""
+        self._in_steps()
         return [step >= w for w in self.warmup]
 
     def acts(self, step: int, inactive: Sequence[int] = ()) -> list:
         """Per concept: whether it edits the image at `step` (concept_acts), and is not `inactive`
         (e.g. outside its conditioning's timestep range)."""
+        self._in_steps()
         return [concept_acts(step, self.warmup[c], self.cooldown[c], self.signed_scale[c], self.weight[c])
                 and c not in inactive for c in range(len(self))]
 
@@ -133,6 +195,7 @@ class Plan:
         from step 0, so it is needed as if its warm-up were 0. The result equals computing
         every concept.
         """
+        self._in_steps()
         use_momentum = self.momentum_scale != 0.0
         return [
             c for c in range(len(self))
