@@ -19,16 +19,15 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from harness.host import PACK_NAME, PACK_ROOT  # noqa: F401  (re-exported)
+from harness.host import PACK_NAME, PACK_ROOT, host_on_path  # noqa: F401  (PACK_NAME, PACK_ROOT: re-exported)
 
 
 def host_dir() -> Path:
-    """The ComfyUI tree tests/conftest.py put on sys.path (one with main.py: a server can start)."""
-    for entry in sys.path:
-        p = Path(entry or ".")
-        if (p / "comfy").is_dir() and (p / "nodes.py").is_file() and (p / "main.py").is_file():
-            return p.resolve()
-    raise RuntimeError("no ComfyUI host on sys.path")
+    """The ComfyUI tree tests/conftest.py put on sys.path; it must have main.py (a server can start)."""
+    host = host_on_path()
+    if host is None or not (host / "main.py").is_file():
+        raise RuntimeError(f"no ComfyUI host with main.py on sys.path (found {host})")
+    return host
 
 
 def free_port() -> int:

@@ -30,7 +30,7 @@ import torch
 
 from comfy_host import run_prompt, saved_images
 from comfy_server import PACK_NAME, Server, host_dir, prepare_server_dir
-from harness.pack import concept_inputs
+from harness import pack
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def concept_inputs(t: int, i: int) -> dict:
     """Concept i of template t: strong settings (the random-weight model's predictions differ
     little between prompts), both directions, warm-up 0 or 1. Concept i's text is the same in
     every template, so the server's cache keeps the text encodings, as it would for a user."""
-    return concept_inputs(edit_scale=6.0 + 3 * i, direction="remove" if (t + i) % 3 == 2 else "add",
-                          threshold=0.5 + 0.1 * (i % 4), warmup=(t + i) % 2, label=CONCEPT_TEXTS[i])
+    return pack.concept_inputs(edit_scale=6.0 + 3 * i, direction="remove" if (t + i) % 3 == 2 else "add",
+                               threshold=0.5 + 0.1 * (i % 4), warmup=(t + i) % 2, label=CONCEPT_TEXTS[i])
 
 
 def add_template(g: dict, ckpt: str, t: int, seed: int, p: str = "") -> None:
