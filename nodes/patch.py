@@ -205,7 +205,8 @@ class _Patch(RunScaffold):
         local = run.clock.step_for(timestep)
         step = local + self.start_at_step  # the step of the full schedule
         inactive = run.out_of_range(local)
-        rows = [c for c in self.plan.rows(step) if c not in inactive]
+        run.check_areas(x_in)
+        rows = [c for c in run.plan.rows(step) if c not in inactive]
         extra = [run.guider.conds[run.keys[c]] for c in rows]
         out = executor(model, list(conds) + extra, x_in, timestep, model_options)
         covered = [run.coverage(c, x_in, timestep) for c in rows]
@@ -232,20 +233,21 @@ class _Patch(RunScaffold):
         watch = run.watch
         wants_kept = watch is not None and watch.wants(local, run.clock.steps, run.first_call)
         # the one place where the concepts' predictions become the edit
-        result = sega_step(uncond, preds, rows, step, self.plan, entering, inactive, user_masks,
+        result = sega_step(uncond, preds, rows, step, run.plan, entering, inactive, user_masks,
                            return_kept=wants_kept)
         if wants_kept:
-            self._watch(watch, local, run.clock.steps, step, rows, inactive, result.kept, covered, user_masks)
+            self._watch(watch, local, run.clock.steps, step, rows, inactive, result.kept, covered, user_masks,
+                        run.plan)
         edit = result.edit
         run.after_step(result.momentum, uncond, preds, edit)
         if run.recording is not None and edit is not None and local not in run.recording.terms:
             run.recording.terms[local] = edit.detach().clone()
         return edit
 
-    def _watch(self, watch, local, steps, step, rows, inactive, kept, covered, user_masks) -> None:
+    def _watch(self, watch, local, steps, step, rows, inactive, kept, covered, user_masks, plan: Plan) -> None:
         """Hands one step's kept positions to the run's MaskWatch, limited to where each concept
-        can act (its area or conditioning mask, and its SEGA Concept mask)."""
-        active = self.plan.acts(step, inactive)
+        can act (its area or conditioning mask, and its SEGA Concept mask); `plan` is the run's."""
+        active = plan.acts(step, inactive)
         weights = []
         for k, c in enumerate(rows):
             if kept is not None and covered[k] is not None:
@@ -260,6 +262,10 @@ class _Run(RunState):
 
     def __init__(self, patch: _Patch, guider, keys: list, sigmas: torch.Tensor):
         super().__init__(patch, sigmas)
+        # the concepts' windows in steps of this run's full schedule (start_at_step and the run's
+        # own steps), resolved once here: windows given as fractions of the schedule become steps
+        self.plan: Plan = patch.plan.for_steps(patch.start_at_step + self.clock.steps)
+        self.areas_checked = False
         self.guider = guider
         self.keys = keys
         self.pending: Optional[PendingStep] = None  # from calc_cond_batch to post-cfg
@@ -300,6 +306,32 @@ class _Run(RunState):
                     target = target.narrow(i + 2, p.area[i + dims], p.area[i])
             target += p.mult
         return cover > 0
+
+    def check_areas(self, x_in: torch.Tensor) -> None:
+        """Once per run, before the first evaluation: a concept whose area (ConditioningSetArea, as
+        resolved for this latent) lies outside the latent gets a SEGAError naming it, where ComfyUI's
+        own evaluation would stop with a raw torch error."""
+        if self.areas_checked:
+            return
+        self.areas_checked = True
+        dims = tuple(x_in.shape[2:])
+        for c, key in enumerate(self.keys):
+            for e in self.guider.conds.get(key) or []:
+                area = e.get("area")
+                if area is None or isinstance(area[0], str):
+                    continue
+                area = comfy.samplers.add_area_dims(list(area), len(dims))
+                half = len(area) // 2
+                sizes, offsets = area[:len(dims)], area[half:half + len(dims)]
+                if all(0 <= o < d and s > 0 for s, o, d in zip(sizes, offsets, dims)):
+                    continue
+                size = f"{dims[-2]} high and {dims[-1]} wide"
+                at = ", ".join(f"{n}={o}" for n, o in zip("yx", offsets[-2:]))
+                raise SEGAError(
+                    f"{self.patch.node}: {self.patch.specs[c].describe(c)}: its area (ConditioningSetArea) lies "
+                    f"outside the image: it starts at {at} (in latent cells, pixels / 8) but the latent is {size}. "
+                    f"Move the area inside the image (x below the width, y below the height) or enlarge the "
+                    f"image.")
 
     def masks_for(self, x: torch.Tensor) -> Optional[list]:
         """The concepts' user masks resized to x's latent (bilinear, like ComfyUI's noise masks), one

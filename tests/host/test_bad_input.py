@@ -382,3 +382,46 @@ def test_good_settings_are_checked_once(model, monkeypatch):
     specs = [concept(cond(3), label="y"), concept(cond(4), warmup=2)]
     pack_module("nodes.patch").apply_sega(model, specs, 0.1, 0.4)
     assert checked == [s.concept for s in specs]
+
+
+@pytest.mark.parametrize("x,y", [(64, 0), (0, 32), (256, 256)], ids=["right-of", "below", "far-outside"])
+def test_concept_area_outside_the_latent(ckpt, queue, x, y):
+    """ConditioningSetArea placing a concept outside the 32x32 image (a 4x4 latent): an error naming
+    the concept and its area, where ComfyUI's own evaluation stops with `narrow(): length must be
+    non-negative`; ComfyUI's error dialog names the error comfyui_sega.SEGAError (a short, stable
+    type name, not the pack's install path)."""
+    g = graph(ckpt)
+    ref = add_concept(g, "c", "glasses")
+    g["area"] = {"class_type": "ConditioningSetArea",
+                 "inputs": {"conditioning": ["c_text", 0], "width": 64, "height": 64, "x": x, "y": y, "strength": 1.0}}
+    g["c"]["inputs"]["conditioning"] = ["area", 0]
+    add_sega_ksampler(g, "sampler", ref)
+    with pytest.raises(PromptExecutionError,
+                       match=rf"node sampler \(SEGAKSampler\) failed: comfyui_sega\.SEGAError: SEGA KSampler: "
+                             rf"SEGA Concept 'glasses': its area \(ConditioningSetArea\) lies outside the image: it "
+                             rf"starts at y={y // 8}, x={x // 8} \(in latent cells, pixels / 8\) but the latent is "
+                             rf"4 high and 4 wide"):
+        queue.run(save(g, "out", ["sampler", 0]))
+
+
+def test_concept_area_at_the_latent_edge_runs(ckpt, queue):
+    """An area that starts inside the latent and runs past its edge is cut to the latent, as ComfyUI
+    does for the prompts: it samples, and the concept edits."""
+    g = graph(ckpt)
+    ref = add_concept(g, "c", "glasses")
+    g["area"] = {"class_type": "ConditioningSetArea",
+                 "inputs": {"conditioning": ["c_text", 0], "width": 64, "height": 64, "x": 24, "y": 0, "strength": 1.0}}
+    g["c"]["inputs"]["conditioning"] = ["area", 0]
+    add_sega_ksampler(g, "sampler", ref)
+    add_ksampler(g, "plain")
+    out = queue.run(save(save(g, "out", ["sampler", 0]), "plain_out", ["plain", 0]))
+    assert torch.isfinite(out["out"]).all()
+    assert (out["out"] - out["plain_out"]).abs().max() > 1e-4
+
+
+def test_error_type_is_the_packs_short_name():
+    """ComfyUI names an exception by module and qualname (execution.full_type_name)."""
+    import execution
+
+    errors = pack_module("nodes.errors")
+    assert execution.full_type_name(errors.SEGAError) == "comfyui_sega.SEGAError"

@@ -80,6 +80,32 @@ def test_settings_are_resolved_once_not_per_step(model, prompts, monkeypatch):
     assert plans[0].signed_scale == (5.0, -5.0) and plans[0].cooldown[1] == 4
 
 
+def test_fraction_windows_are_resolved_once_per_run(model, prompts, monkeypatch):
+    """Windows given as fractions of the schedule become steps once per run, when the run's step
+    count is known (Plan.for_steps), never per step; the image equals the same window in steps."""
+    pos, neg, c1, c2 = prompts
+    concepts = pack_module("sega_core.concepts")
+    patch = pack_module("nodes.patch")
+    fractions = [concept(c1, warmup=0.25, cooldown=0.75, window_unit="fraction"), concept(c2, warmup=1)]
+    m = apply_sega(model, fractions)
+    resolved, plans = [], []
+    real_for_steps, real_step = concepts.Plan.for_steps, patch.sega_step
+    monkeypatch.setattr(concepts.Plan, "for_steps",
+                        lambda self, steps: resolved.append(steps) or real_for_steps(self, steps))
+    monkeypatch.setattr(patch, "sega_step", lambda *a, **k: plans.append(a[4]) or real_step(*a, **k))
+    by_fraction = [sample(m, pos, neg, steps=STEPS), sample(m, pos, neg, steps=2 * STEPS)]
+    assert resolved == [STEPS, 2 * STEPS]  # once per run
+    assert len(plans) == 3 * STEPS
+    assert all(p is plans[0] for p in plans[:STEPS]) and all(p is plans[STEPS] for p in plans[STEPS:])
+    # acts at step i of N when 0.25 <= i / N < 0.75: steps 2-4 of 6, steps 3-8 of 12
+    assert (plans[0].warmup, plans[0].cooldown) == ((2, 1), (5, float("inf")))
+    assert (plans[STEPS].warmup, plans[STEPS].cooldown) == ((3, 1), (9, float("inf")))
+    monkeypatch.undo()
+    for steps, got, (warmup, cooldown) in [(STEPS, by_fraction[0], (2, 5)), (2 * STEPS, by_fraction[1], (3, 9))]:
+        in_steps = apply_sega(model, [concept(c1, warmup=warmup, cooldown=cooldown), concept(c2, warmup=1)])
+        assert torch.equal(got, sample(in_steps, pos, neg, steps=steps))
+
+
 def test_edit_is_sega_core_in_noise_space(model, prompts):
     """Replays the recorded predictions through sega_core: same edit, with momentum across steps."""
     pos, neg, c1, c2 = prompts
