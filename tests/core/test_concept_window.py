@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.pack import NEVER  # the SEGA Concept node's cooldown that never stops (None in sega_core)
 from sega_core import Concept, Plan, concept_acts
 
 WINDOW_JS = Path(__file__).resolve().parents[2] / "js" / "sega_window.js"
-NEVER = 10000  # the SEGA Concept node's cooldown that never stops (None in sega_core)
 
 # (warmup, cooldown or None, scale, weight): edges of the window, empty windows, off concepts
 SETTINGS = [

@@ -16,7 +16,8 @@ import comfy.sample
 import comfy.supported_models
 
 from harness.host import PACK_ROOT  # noqa: F401  (re-exported)
-from harness.pack import ModelHook, RowCounter, import_pack, node_output, pack_module  # noqa: F401  (re-exported)
+from harness.pack import (ModelHook, RowCounter, concept_inputs, import_pack, node_output,  # noqa: F401  (re-exported)
+                          pack_module)
 from harness.tiny import init_weights, patcher, unet_config
 
 
@@ -55,6 +56,13 @@ def concept(conditioning, label="", **settings):
     spec = pack_module("nodes.concept_spec")
     core = pack_module("sega_core")
     return spec.ConceptSpec(conditioning=conditioning, concept=core.Concept(**settings), label=label)
+
+
+def concept_node(conditioning, mask=None, concepts=None, **settings):
+    """A SEGA Concept node's output, as the node makes it (threshold 0.5 and warm-up 0 unless given)."""
+    cls = pack_module("nodes.concept_nodes").SEGAConcept
+    inputs = concept_inputs(conditioning, mask=mask, concepts=concepts, **{"threshold": 0.5, "warmup": 0, **settings})
+    return node_output(cls.execute(**inputs))
 
 
 def apply_sega(model, concepts, momentum_scale=0.1, momentum_beta=0.4, node="SEGA Apply"):

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from families import FAMILIES, one_thread  # noqa: F401  (fixture)
-from harness.pack import concept_inputs
 from noise_space import plan_of, replay, sample_recorded
-from sega_testlib import node_output, pack_module
+from sega_testlib import concept_node, pack_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAM = FAMILIES["sd15"]
@@ -19,13 +18,6 @@ POS, NEG, C1, C2 = FAM.cond(1), FAM.cond(2), FAM.cond(3), FAM.cond(4)
 @pytest.fixture(scope="module")
 def model():
     return FAM.build()
-
-
-def concept_node(conditioning, mask=None, concepts=None, **settings):
-    """A SEGA Concept node's output, as the node makes it."""
-    cls = pack_module("nodes.concept_nodes").SEGAConcept
-    inputs = concept_inputs(conditioning, mask=mask, concepts=concepts, **{"threshold": 0.5, "warmup": 0, **settings})
-    return node_output(cls.execute(**inputs))
 
 
 def apply(model, concepts, momentum_scale=0.3):

@@ -9,7 +9,8 @@ import torch
 from comfy_host import PromptValidationError, run_prompt
 from families import FAMILIES, one_thread  # noqa: F401  (fixture)
 from sega_graphs import Queue, latents, save
-from sega_testlib import RowCounter, node_output, pack_module
+from harness.pack import concept_node as concept_node_api
+from sega_testlib import RowCounter, concept_node, node_output, pack_module
 
 import comfy.model_management
 import comfy.samplers
@@ -37,13 +38,6 @@ def mod():
 
 def errors():
     return pack_module("nodes.errors")
-
-
-def concept_node(conditioning, mask=None, concepts=None, **settings):
-    cls = pack_module("nodes.concept_nodes").SEGAConcept
-    inputs = dict(edit_scale=5.0, direction="add", threshold=0.5, warmup=0, cooldown=10000, weight=1.0)
-    inputs.update(settings)
-    return node_output(cls.execute(conditioning=conditioning, mask=mask, concepts=concepts, **inputs))
 
 
 def invert(name, latent=None, steps=STEPS, skip=0.15, seed=3, source=None, source_guidance=3.5, model=None):
@@ -431,10 +425,8 @@ def photo_graph(ckpt: str, concept_scale: float | None = 8.0, steps: int = STEPS
         g["left"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}}
         g["masked"] = {"class_type": "MaskComposite", "inputs": {"destination": ["mask", 0], "source": ["left", 0],
                                                                 "x": 0, "y": 0, "operation": "add"}}
-        g["concept"] = {"class_type": "SEGAConcept",
-                        "inputs": {"conditioning": ["ctext", 0], "edit_scale": concept_scale, "direction": "add",
-                                   "threshold": 0.5, "warmup": 0, "cooldown": 10000, "weight": 1.0,
-                                   "label": "glasses", "mask": ["masked", 0]}}
+        g["concept"] = concept_node_api(["ctext", 0], edit_scale=concept_scale, threshold=0.5, warmup=0,
+                                        label="glasses", mask=["masked", 0])
         g["edit"]["inputs"]["concepts"] = ["concept", 0]
     save(g, "photo", ["encode", 0])
     return save(g, "out", ["edit", 0])
