@@ -10,17 +10,24 @@ workflow with SEGA Concepts and one Save Image) once without SEGA (every concept
 which samples exactly as without SEGA) and once with it, on the same seed, and writes both images
 side by side into ComfyUI's output folder. Finding ComfyUI, running the prompt and the tiny model
 are harness/'s, shared with the tests and the benchmarks.
+
+Edit a photo instead (LEDITS++: SEGA Invert Photo, then SEGA Photo Edit), writing the photo, its
+reconstruction (no concept) and its edit side by side:
+
+    python custom_nodes/comfyui-sega/run_sega.py --checkpoint v1-5-pruned-emaonly.safetensors \
+        --image portrait.png --concept glasses
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
 from pathlib import Path
 
-from harness.host import HostError, find_comfyui, init_nodes, prepare_host
-from harness.prompts import execute_prompt
+from harness.host import PACK_ROOT, HostError, find_comfyui, init_nodes, prepare_host
+from harness.prompts import PromptError, execute_prompt
 from harness.tiny import tiny_checkpoint
 from harness.workflow import DEFAULT_WORKFLOW, WorkflowError, nodes_of, side_by_side, source_of, ui_to_api
 
@@ -42,7 +49,8 @@ def apply_options(prompt: dict, args) -> None:
     set_all("cfg", args.cfg)
     set_all("width", args.size, ("EmptyLatentImage",))
     set_all("height", args.size, ("EmptyLatentImage",))
-    for option, kind in (("edit_scale", "edit_scale"), ("direction", "direction"), ("warmup", "warmup")):
+    for option, kind in (("edit_scale", "edit_scale"), ("direction", "direction"), ("warmup", "warmup"),
+                         ("threshold", "threshold")):
         set_all(kind, getattr(args, option), ("SEGAConcept",))
     for role in ("positive", "negative"):
         text = getattr(args, "prompt" if role == "positive" else "negative")
@@ -63,6 +71,65 @@ def apply_options(prompt: dict, args) -> None:
         concepts[0]["inputs"]["label"] = args.concept
 
 
+# run_sega.py's options that only a workflow run uses, and those that only a photo edit uses
+WORKFLOW_ONLY = ("workflow", "prompt", "cfg")
+PHOTO_ONLY = ("skip", "source", "source_guidance", "combination", "reconstruction")
+
+
+def photo_graph():
+    """nodes/photo_graph.py (plain dicts, no ComfyUI import), loaded on its own."""
+    spec = importlib.util.spec_from_file_location("sega_photo_graph", PACK_ROOT / "nodes" / "photo_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def image_size(path: Path) -> tuple:
+    """(width, height) of an image file; OSError when it is not one."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def photo_size(w: int, h: int, size) -> tuple | None:
+    """(width, height) with the longer side `size` pixels, the aspect kept, both multiples of 8 (the
+    VAE's); None (the photo as it is) without a size."""
+    if size is None:
+        return None
+    scale = size / max(w, h)
+    return tuple(max(16, int(round(v * scale / 8)) * 8) for v in (w, h))
+
+
+def run_photo(args, photo: Path) -> int:
+    """--image: invert the photo once, reconstruct it and edit it, save the three side by side."""
+    import folder_paths
+
+    # LoadImage reads the photo where it is: this process's input folder is the photo's folder
+    folder_paths.set_input_directory(str(photo.parent))
+    concept = {"text": args.concept}
+    for name in ("edit_scale", "direction", "warmup", "threshold"):
+        if getattr(args, name) is not None:
+            concept[name] = getattr(args, name)
+    settings = {name: getattr(args, name) for name in ("steps", "skip", "seed", "source", "source_guidance",
+                                                      "combination", "reconstruction")
+                if getattr(args, name) is not None}
+    scale = photo_size(*image_size(photo), args.size)
+    prompt = photo_graph().photo_edit_prompt(args.checkpoint_name, photo.name, [concept], uncond=args.negative or "",
+                                             filename_prefix="sega_photo", scale=scale, **settings)
+    try:
+        outputs = execute_prompt(prompt)
+    except PromptError as e:  # a node refused the photo or a setting: its message, without the traceback
+        print(f"{photo.name}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    image = outputs["save"]["images"][0]
+    result = Path(folder_paths.get_output_directory()) / image.get("subfolder", "") / image["filename"]
+    direction = "removed" if args.direction == "remove" else "added"
+    print(f"{photo.name}: the photo (left), its reconstruction (middle) and the edit with '{args.concept}' "
+          f"{direction} (right): {result}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a checkpoint in ComfyUI's models/checkpoints (an SD 1.x model fits "
@@ -72,21 +139,61 @@ def main(argv=None) -> int:
     p.add_argument("--workflow", default=str(DEFAULT_WORKFLOW),
                    help="a workflow saved by ComfyUI (UI format) with SEGA Concepts and one Save Image "
                         "(default: the pack's example 01, 'glasses' added to a portrait)")
+    p.add_argument("--image", metavar="PHOTO",
+                   help="edit this photo instead of running a workflow: it is inverted (SEGA Invert Photo) and "
+                        "edited with --concept (SEGA Photo Edit); the photo, its reconstruction and its edit are "
+                        "written side by side")
     p.add_argument("--comfyui", help="the ComfyUI folder (default: $COMFYUI_PATH, else $HOME/ComfyUI, else the "
                                       "ComfyUI whose custom_nodes/ holds this pack)")
     p.add_argument("--prompt", help="the positive prompt's text (default: the workflow's)")
-    p.add_argument("--negative", help="the negative prompt's text")
-    p.add_argument("--concept", help="the concept's text (workflows with one SEGA Concept)")
+    p.add_argument("--negative", help="the negative prompt's text (with --image: the uncond the concepts are "
+                                      "measured against, default empty as in LEDITS++)")
+    p.add_argument("--concept", help="the concept's text (workflows with one SEGA Concept; needed with --image)")
     p.add_argument("--direction", choices=["add", "remove"])
     p.add_argument("--edit-scale", type=float)
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--steps", type=int)
+    p.add_argument("--warmup", type=int, help="steps before the concept acts (with --image default 0, LEDITS++'s)")
+    p.add_argument("--threshold", type=float, help="the concept's threshold (0.9 keeps the strongest 10%%)")
+    p.add_argument("--steps", type=int, help="sampler steps (with --image: inversion steps, default 30)")
     p.add_argument("--cfg", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--size", type=int, help="width and height of the empty latent image, in pixels")
+    p.add_argument("--size", type=int, help="width and height of the empty latent image, in pixels (with --image: "
+                                            "the photo is scaled to this longer side, default its own size)")
+    p.add_argument("--skip", type=float, help="--image: the share of the noisiest steps dropped, in [0, 1) "
+                                              "(default 0.15)")
+    p.add_argument("--source", help="--image: a prompt describing the photo (LEDITS++'s source prompt)")
+    p.add_argument("--source-guidance", type=float, help="--image: guidance towards --source (default 3.5)")
+    p.add_argument("--combination", choices=["ledits", "sega"], help="--image: how concepts combine (default ledits)")
+    p.add_argument("--reconstruction", choices=["exact", "as diffusers"],
+                   help="--image: exact (default) lands on the photo's latent; 'as diffusers' on the x0-prediction")
     p.add_argument("--output-dir", help="where the image goes (default: ComfyUI's output folder)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    given = {a.dest for a in p._actions if getattr(args, a.dest, None) not in (None, a.default)}
+    photo = None
+    if args.image:
+        photo = Path(args.image).expanduser().resolve()
+        unused = [name for name in WORKFLOW_ONLY if name in given]
+        if unused:
+            print(f"--image edits a photo without a workflow: --{unused[0].replace('_', '-')} is not used "
+                  f"(describe the photo with --source).", file=sys.stderr)
+            return 2
+        if not args.concept:
+            print("--image needs --concept TEXT: the concept to add to the photo (or remove, with --direction "
+                  "remove).", file=sys.stderr)
+            return 2
+        try:
+            image_size(photo)
+        except OSError as e:  # no such file, or not an image (PIL's UnidentifiedImageError)
+            print(f"cannot read the photo {args.image}: {e}", file=sys.stderr)
+            return 2
+        if args.skip is not None and not 0.0 <= args.skip < 1.0:
+            print(f"--skip must be in [0, 1) (0.15 drops the noisiest 15%), got {args.skip}", file=sys.stderr)
+            return 2
+    else:
+        unused = [name for name in PHOTO_ONLY if name in given]
+        if unused:
+            print(f"--{unused[0].replace('_', '-')} is an option of a photo edit: add --image PHOTO.", file=sys.stderr)
+            return 2
 
     try:
         root = find_comfyui(args.comfyui)
@@ -109,7 +216,8 @@ def main(argv=None) -> int:
         args.checkpoint_name = ckpt_path.name
         # a quick run: the tiny model's images are noise whatever the settings
         args.steps = 8 if args.steps is None else args.steps
-        args.warmup = 2 if args.warmup is None else args.warmup
+        if photo is None:
+            args.warmup = 2 if args.warmup is None else args.warmup
         args.size = 64 if args.size is None else args.size
     else:
         available = folder_paths.get_filename_list("checkpoints")
@@ -122,6 +230,9 @@ def main(argv=None) -> int:
                 print("Available: " + ", ".join(available), file=sys.stderr)
             return 2
         args.checkpoint_name = args.checkpoint
+    if photo is not None:
+        init_nodes()
+        return run_photo(args, photo)
     try:
         with open(args.workflow, encoding="utf-8") as f:
             workflow = json.load(f)

@@ -79,3 +79,58 @@ def test_converts_every_shipped_workflow_for_comfyui(comfy_nodes):
         assert valid, (path.name, error, node_errors)
         checked += 1
     assert checked >= 8
+
+
+def _panels(path, width):
+    """The three panels of a --image result (photo | reconstruction | edit, 8 px apart) as int arrays."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert pixels.shape[1] == 3 * width + 2 * 8, pixels.shape
+    return [pixels[:, i * (width + 8):i * (width + 8) + width] for i in range(3)]
+
+
+def test_image_inverts_and_edits_a_photo_side_by_side(tmp_path, tiny_sd15_checkpoint):
+    """--image: the photo (scaled to --size on its longer side), its reconstruction and its edit in one
+    image; at edit_scale 0 the edit is the reconstruction, pixel for pixel."""
+    from PIL import Image
+
+    photo = tmp_path / "photo in.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(photo)
+    res = _run("--tiny", "--image", str(photo), "--concept", "glasses", "--edit-scale", "8", "--steps", "3",
+               "--size", "64", tmp_path=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    images = sorted(tmp_path.glob("sega_photo_*.png"))
+    assert len(images) == 1 and str(images[0]) in res.stdout and "'glasses' added" in res.stdout
+    photo_px, recon, edited = _panels(images[0], 64)
+    assert photo_px.shape[0] == 48  # 128x96 scaled to 64x48
+    assert np.abs(recon - edited).max() > 0, "the concept changed nothing"
+
+    res = _run("--tiny", "--image", str(photo), "--concept", "glasses", "--edit-scale", "0", "--steps", "3",
+               "--size", "64", "--direction", "remove", "--skip", "0.3", tmp_path=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    images = sorted(tmp_path.glob("sega_photo_*.png"))
+    assert len(images) == 2 and "'glasses' removed" in res.stdout
+    _, recon, edited = _panels(images[1], 64)
+    assert np.array_equal(recon, edited)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "{photo}"], "--image needs --concept"),
+    (["--image", "{photo}", "--concept", "hat", "--cfg", "3"], "--cfg is not used"),
+    (["--image", "{photo}", "--concept", "hat", "--skip", "1.0"], "--skip must be in [0, 1)"),
+    (["--image", "{bad}", "--concept", "hat"], "cannot read the photo"),
+    (["--image", "{missing}", "--concept", "hat"], "cannot read the photo"),
+    (["--source", "a portrait"], "--source is an option of a photo edit: add --image PHOTO"),
+])
+def test_a_photo_edit_it_cannot_run_is_refused_with_the_reason(tmp_path, args, message):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (120, 90, 60)).save(tmp_path / "photo.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    names = {"photo": tmp_path / "photo.png", "bad": tmp_path / "bad.png", "missing": tmp_path / "missing.png"}
+    res = _run("--tiny", *[a.format(**names) for a in args], tmp_path=tmp_path)
+    assert res.returncode == 2 and message in res.stderr, res.stdout + res.stderr
+    assert not list(tmp_path.glob("sega_photo_*.png"))
