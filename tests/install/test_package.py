@@ -3,8 +3,8 @@ the zip that `comfy node pack` makes (comfy-cli from PyPI, in its own venv; no C
 
 `comfy node pack` zips the git-tracked files minus .comfyignore; it runs here on a clone of the
 committed HEAD, as on a fresh checkout in CI. The zip must hold exactly what a user needs: the
-code, the frontend, the example workflows, the docs the README shows, the harness run_sega.py
-runs on (without its diffusers stand-ins), and nothing of tests/, bench/ or CI.
+code, the frontend, the example workflows, the docs the README shows, the part of harness/
+run_sega.py runs on, and nothing of tests/, bench/ or CI.
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ import pytest
 from install_env import COMFY_CLI, PACK_ROOT, clone, pypi_venv, requirement_lines
 
 # What a user's copy of the pack holds: these files, and every tracked file below these folders.
-USER_FILES = {"__init__.py", "run_sega.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE"}
-USER_FOLDERS = ("nodes/", "sega_core/", "js/", "workflows/", "docs/", "harness/")
-# In those folders but only for developing the pack (diffusers' pipelines run offline), left out by .comfyignore.
-DEV_FILES = {"harness/reference.py", "harness/ledits_reference.py"}
+USER_FILES = {"__init__.py", "run_sega.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE",
+              # what run_sega.py imports of harness/ (the rest of harness/ is for developing the pack)
+              "harness/__init__.py", "harness/host.py", "harness/pack.py", "harness/prompts.py", "harness/tiny.py",
+              "harness/workflow.py"}
+USER_FOLDERS = ("nodes/", "sega_core/", "js/", "workflows/", "docs/")
 # The pack's minimum ComfyUI, as __init__.py tells users and .ci/run tests it.
 MIN_COMFYUI = "0.8.0"
 TORCH_PACKAGES = re.compile(r"^(torch|torchvision|torchaudio|torchsde)\b", re.IGNORECASE)
@@ -106,8 +107,7 @@ def test_comfy_node_pack_holds_what_a_user_needs(checkout, tmp_path):
         names = [i.filename for i in z.infolist() if not i.is_dir()]
         sources = {n: z.read(n).decode() for n in names if n.endswith(".py")}
     print("\n".join(sorted(names)))
-    expected = {f for f in _tracked(checkout)
-                if (f in USER_FILES or f.startswith(USER_FOLDERS)) and f not in DEV_FILES}
+    expected = {f for f in _tracked(checkout) if f in USER_FILES or f.startswith(USER_FOLDERS)}
     assert USER_FILES <= expected, USER_FILES - expected
     assert sorted(names) == sorted(expected), (
         f"missing: {sorted(expected - set(names))}; not for users: {sorted(set(names) - expected)}")
