@@ -1,17 +1,20 @@
-// SEGA: shows on each SEGA Concept node the steps in which it acts (warm-up .. cool-down).
+// SEGA: shows on each SEGA Concept and SEGA Concept (text) node the steps in which it acts (warm-up ..
+// cool-down), or with window_unit "percent" the part of the schedule ("20%→80%").
 // Drawn on the canvas only: adds no widget and nothing to saved workflows or prompts.
 import { app } from "../../scripts/app.js";
 import { windowText } from "./sega_window.js";
 
 function nodeWindowText(node) {
-  const value = (name) => Number(node.widgets?.find((w) => w.name === name)?.value);
-  return windowText(value("edit_scale"), value("weight"), value("warmup"), value("cooldown"));
+  const widget = (name) => node.widgets?.find((w) => w.name === name)?.value;
+  const value = (name) => Number(widget(name));
+  return windowText(value("edit_scale"), value("weight"), value("warmup"), value("cooldown"),
+                    widget("window_unit") ?? "steps");
 }
 
 app.registerExtension({
   name: "comfyui-sega.ConceptWindow",
   beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== "SEGAConcept") return;
+    if (nodeData?.name !== "SEGAConcept" && nodeData?.name !== "SEGAConceptText") return;
     const previous = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
       const result = previous?.apply(this, arguments);

@@ -79,3 +79,39 @@ def test_js_window_label_agrees_with_sega_core():
     assert {"off", "never acts"} <= set(want)
     assert got == want
     assert _node_json("console.log(JSON.stringify(js.windowText(5, 1, NaN, 3)))") is None
+
+
+# window_unit "percent": (warmup, cooldown, scale, weight) in percent of the run's steps
+PERCENT_SETTINGS = [
+    (20, 80, 5.0, 1.0), (0, 100, 5.0, 1.0), (0, NEVER, 5.0, 1.0), (20, NEVER, 5.0, 1.0), (10, 150, 5.0, 1.0),
+    (50, 50, 5.0, 1.0), (60, 40, 5.0, 1.0), (100, NEVER, 5.0, 1.0), (99, 100, 5.0, 1.0), (0, 1, 5.0, 1.0),
+    (33, 34, 5.0, 1.0), (20, 80, 0.0, 1.0), (20, 80, 5.0, 0.0), (0, 0, 5.0, 1.0),
+]
+
+
+def _percent_label(warmup: int, cooldown: int, scale: float, weight: float) -> str:
+    """The label the node should show with window_unit percent, read off sega_core: the concept as the
+    node makes it (fractions of the schedule), its plan turned into steps of 1-100-step runs."""
+    if not concept_acts(0, 0, math.inf, scale, weight):
+        return "off"
+    concept = Concept(scale=abs(scale), reverse=scale < 0, warmup=warmup / 100,
+                      cooldown=None if cooldown >= 100 else cooldown / 100, weight=weight, window_unit="fraction")
+    plan = Plan.build([concept])
+    acting = {n: [i for i in range(n) if plan.for_steps(n).acts(i)[0]] for n in range(1, 101)}
+    if not any(acting.values()):
+        return "never acts"
+    # in a 100-step run step i is i% of the schedule: the window's percent bounds are its steps
+    steps = acting[100]
+    end = steps[-1] + 1
+    return f"{steps[0]}%\u2192{'end' if end == 100 else f'{end}%'}"
+
+
+def test_js_percent_window_label_agrees_with_sega_core():
+    cases = [[s, g, w, c] for (w, c, s, g) in PERCENT_SETTINGS]
+    got = _node_json(f"""
+        const cases = {json.dumps(cases)};
+        console.log(JSON.stringify(cases.map(([s, g, w, c]) => js.windowText(s, g, w, c, "percent"))));
+    """)
+    want = [_percent_label(w, c, s, g) for (w, c, s, g) in PERCENT_SETTINGS]
+    assert {"off", "never acts", "20%\u219280%", "20%\u2192end"} <= set(want)
+    assert got == want
