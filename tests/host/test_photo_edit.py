@@ -9,7 +9,7 @@ import torch
 from comfy_host import PromptValidationError, run_prompt
 from families import FAMILIES, one_thread  # noqa: F401  (fixture)
 from sega_graphs import Queue, latents, save
-from harness.pack import concept_node as concept_node_api
+from harness.pack import ModelHook, concept_node as concept_node_api
 from sega_testlib import RowCounter, concept_node, node_output, pack_module
 
 import comfy.model_management
@@ -129,23 +129,18 @@ def left_half_pixels():
     return m
 
 
-class EditRecorder:
+class EditRecorder(ModelHook):
     """A post-cfg function: the edit the photo guider applied at each evaluation (uncond - final)."""
 
     def __init__(self):
         self.edits = []
 
-    def __deepcopy__(self, memo):
-        return self
-
     def __call__(self, args):
         self.edits.append(args["uncond_denoised"] - args["denoised"])
         return args["denoised"]
 
-    def attach(self, model):
-        m = model.clone()
-        m.set_model_sampler_post_cfg_function(self)
-        return m
+    def install(self, model) -> None:
+        model.set_model_sampler_post_cfg_function(self)
 
 
 @pytest.mark.parametrize("combination", ["ledits", "sega"])
