@@ -1,7 +1,7 @@
 """Run every benchmark and write bench/results.md (the table for the README's Performance section).
 
-    python bench/run_all.py            # about 8 minutes on 2 CPU cores
-    python bench/run_all.py --quick    # a smoke test, about 3 minutes
+    python bench/run_all.py            # about 14 minutes on 2 CPU cores (ledits.py: 6)
+    python bench/run_all.py --quick    # a smoke test, about 4 minutes
 
 Each benchmark runs in its own process with the same options (--threads, --quick). Exit status:
 1 if a model-row count (exact) misses its target or a benchmark fails; timing targets are only
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import _common
 
-SCRIPTS = ["rows.py", "sega_math.py", "end_to_end.py", "gpu_sync.py"]
+SCRIPTS = ["rows.py", "sega_math.py", "end_to_end.py", "gpu_sync.py", "ledits.py"]
 HERE = Path(__file__).resolve().parent
 
 
