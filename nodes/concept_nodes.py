@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..sega_core import Concept, SEGAValueError
+from ..sega_core.concepts import MASK_FROM
 from .concept_spec import SEGA_CONCEPTS, ConceptSpec
 from .errors import SEGAError
 from .schema import CATEGORY, schema
@@ -76,6 +77,14 @@ class SEGAConcept(io.ComfyNode):
                             "(a feathered or blurred mask) fade the edit. Resized to the latent. The concept's "
                             "threshold is still taken over the whole image, so a small mask keeps little: "
                             "lower the threshold (e.g. 0.5) to edit more inside it. Empty: the whole image."),
+                io.Combo.Input(
+                    "mask_from", options=list(MASK_FROM), default="implicit", optional=True,
+                    tooltip="Where the concept acts. implicit (default): where its own edit is strongest "
+                            "(the threshold above). attention: where the image attends to the concept's text "
+                            "(LEDITS++'s cross-attention mask, the top 1 - threshold of it; UNet models SD 1.x, "
+                            "2.x, SDXL). intersect: both at once, LEDITS++'s default (on SD 1.x/2.x only below "
+                            "timestep 800, attention alone before). attention and intersect compute the "
+                            "concept's attention map at a few layers: a little slower."),
             ],
             outputs=[Concepts.Output(display_name="concepts", tooltip="This concept, after any chained ones.")],
         )
@@ -96,15 +105,17 @@ class SEGAConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, edit_scale, direction, threshold, warmup, cooldown, weight,
-                label="", concepts=None, mask=None) -> io.NodeOutput:
+                label="", concepts=None, mask=None, mask_from="implicit") -> io.NodeOutput:
         if direction not in ("add", "remove"):
             raise SEGAError(f"SEGA Concept: direction must be 'add' or 'remove', got {direction!r}.")
+        if mask_from not in MASK_FROM:
+            raise SEGAError(f"SEGA Concept: mask_from must be one of {', '.join(MASK_FROM)}, got {mask_from!r}.")
         # the settings are validated once, with the others, when a sampler node builds its plan
         return io.NodeOutput(_chain(concepts) + [ConceptSpec(
             conditioning=conditioning,
             concept=Concept(scale=float(edit_scale), threshold=float(threshold), warmup=int(warmup),
                             cooldown=None if cooldown >= NEVER else int(cooldown), weight=float(weight),
-                            reverse=direction == "remove"),
+                            reverse=direction == "remove", mask_from=mask_from),
             label=str(label or "").strip(),
             mask=mask,
         )])

@@ -24,6 +24,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from ..sega_core import Plan, SEGAValueError, sega_step
+from . import attention_masks
 from .concept_masks import MaskWatch, PreviewTarget
 from .concept_spec import ConceptSpec
 from .edit_files import EditRecord, save_path
@@ -65,6 +66,7 @@ class PendingStep(NamedTuple):
     inactive: list  # concepts outside their conditioning's timestep range at this step
     outputs: list  # the denoised predictions of `rows`
     covered: list  # per row: None (everywhere), or a bool map of where its area or mask gives a prediction
+    attn: Optional[dict] = None  # concept -> its cross-attention map, for mask_from attention / intersect
 
 
 def remove_sega(model) -> None:
@@ -100,6 +102,8 @@ def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momen
     if start_at_step < 0:
         raise SEGAError(f"{node}: start_at_step must be >= 0, got {start_at_step}.")
     _Patch(list(specs), plan, node, int(start_at_step), preview, log_to).install(m)
+    if plan.attention:
+        attention_masks.install(m)
     return m
 
 
@@ -133,6 +137,8 @@ class _Patch(RunScaffold):
             run.recording = EditRecord(terms={}, sigmas=run.sigmas, shape=list(noise.shape), settings=self.settings())
         labels = [s.label or f"#{i + 1}" for i, s in enumerate(self.specs)]
         run.watch = MaskWatch.for_run(labels, self.preview, self.log_to is not None)
+        if self.plan.attention:
+            run.capture = attention_masks.start_capture(guider.model_options, guider.model_patcher)
         return run
 
     def finish_run(self, run: "_Run", out: torch.Tensor) -> None:
@@ -208,16 +214,21 @@ class _Patch(RunScaffold):
         run.check_areas(x_in)
         rows = [c for c in run.plan.rows(step) if c not in inactive]
         extra = [run.guider.conds[run.keys[c]] for c in rows]
+        # concept k of `rows` is cond index 2 + k in this evaluation
+        attn = {2 + k: c for k, c in enumerate(rows) if c in self.plan.attention} if run.capture else None
+        if attn:
+            run.capture.begin(attn)
         out = executor(model, list(conds) + extra, x_in, timestep, model_options)
+        maps = run.capture.end() if attn else None
         covered = [run.coverage(c, x_in, timestep) for c in rows]
-        run.pending = PendingStep(step, rows, inactive, out[2:], covered)
+        run.pending = PendingStep(step, rows, inactive, out[2:], covered, maps)
         return out[:2]
 
     # -- post-cfg: the edit, in noise space -------------------------------------------------
     def edit(self, run: "_Run", args: dict, sigma: torch.Tensor) -> Optional[torch.Tensor]:
         if run.pending is None:
             return None
-        step, rows, inactive, outs, covered = run.pending
+        step, rows, inactive, outs, covered, maps = run.pending
         run.pending = None
         x = args["input"]
         uncond_denoised = args["uncond_denoised"]
@@ -232,9 +243,15 @@ class _Patch(RunScaffold):
         local = step - self.start_at_step  # recorded edits are indexed by the run's own schedule
         watch = run.watch
         wants_kept = watch is not None and watch.wants(local, run.clock.steps, run.first_call)
+        attn_masks, both = None, True
+        if maps is not None:
+            attn_masks = attention_masks.masks_for(maps, [c for c in rows if c in self.plan.attention], self.plan, x,
+                                                   lambda c: self.specs[c].describe(c))
+            both = attention_masks.intersect_now(run.capture, run.guider.model_patcher,
+                                                 run.sigmas[min(local, len(run.sigmas) - 1)])
         # the one place where the concepts' predictions become the edit
         result = sega_step(uncond, preds, rows, step, run.plan, entering, inactive, user_masks,
-                           return_kept=wants_kept)
+                           return_kept=wants_kept, attn_masks=attn_masks, intersect_both=both)
         if wants_kept:
             self._watch(watch, local, run.clock.steps, step, rows, inactive, result.kept, covered, user_masks,
                         run.plan)
@@ -278,6 +295,7 @@ class _Run(RunState):
         self.recording = None  # the EditRecord it fills
         self._masks = None  # (shape, device, dtype, masks) of the concepts' user masks, once resized
         self.watch = None  # MaskWatch when a preview or the concept_masks output wants the kept positions
+        self.capture = None  # AttentionCapture when a concept's mask_from needs its cross-attention map
 
     @property
     def sigmas(self) -> list:

@@ -20,6 +20,7 @@ from comfy_api.latest import io
 
 from ..sega_core import Plan, SEGAValueError, sega_step
 from ..sega_core import ledits
+from . import attention_masks
 from .concept_masks import MaskWatch, PreviewTarget, preview_target
 from .concept_nodes import Concepts, _chain
 from .errors import SEGAError
@@ -98,6 +99,9 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         self.preview = preview  # the node the page draws each concept's kept positions on
         self.tally = tally  # gather the kept positions for a concept_masks output
         self.watch: Optional[MaskWatch] = None  # the last run's MaskWatch
+        self.capture = None  # the run's AttentionCapture when a concept's mask_from needs its attention map
+        if plan.attention:
+            attention_masks.install(m)
 
     def sample(self, *args, **kwargs):
         self._momentum = self._next_momentum = None
@@ -105,6 +109,7 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         self.rows_per_step = []
         labels = [s.label or f"#{i + 1}" for i, s in enumerate(self.specs)]
         self.watch = MaskWatch.for_run(labels, self.preview, self.tally) if self.specs else None
+        self.capture = None
         return super().sample(*args, **kwargs)
 
     def _step(self, timestep: torch.Tensor) -> int:
@@ -124,7 +129,15 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         if self.inversion.source:
             base_conds.append(self.conds.get("positive"))
         conds = base_conds + [self.conds[self.keys[c]] for c in rows]
+        # concept k of `rows` is cond index len(base_conds) + k in this evaluation
+        attn = {len(base_conds) + k: c for k, c in enumerate(rows) if c in self.plan.attention}
+        if attn:
+            if self.capture is None or model_options.get("transformer_options", {}).get(
+                    attention_masks.ATTN_KEY) is not self.capture:
+                self.capture = attention_masks.start_capture(model_options, self.model_patcher)
+            self.capture.begin(attn)
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        maps = self.capture.end() if attn else None
         self.rows_per_step.append(len(conds) * x.shape[0])
         uncond_denoised = out[0]
         if self.inversion.source:
@@ -141,18 +154,26 @@ class PhotoGuider(comfy.samplers.CFGGuider):
             watch = self.watch
             want = watch is not None and watch.wants(step, self.inversion.steps, True)
             kept = None
+            attn_masks, both = None, True
+            if maps is not None:
+                attn_masks = attention_masks.masks_for(maps, list(attn.values()), self.plan, x,
+                                                       lambda c: f"{self.node}: {self.specs[c].describe(c)}")
+                both = attention_masks.intersect_now(self.capture, self.model_patcher, self._sigmas[step])
             if self.combination == "sega":
                 if step != self._momentum_step:
                     if self._momentum_step is not None:
                         self._momentum = self._next_momentum
                     self._momentum_step = step
-                result = sega_step(uncond, preds, rows, step, self.plan, self._momentum, (), masks, return_kept=want)
+                result = sega_step(uncond, preds, rows, step, self.plan, self._momentum, (), masks, return_kept=want,
+                                   attn_masks=attn_masks, intersect_both=both)
                 edit, self._next_momentum = result[0], result[1]
                 kept = result[2] if want else None
             elif want:
-                edit, kept = ledits.ledits_guidance(uncond, preds, rows, step, self.plan, masks, return_kept=True)
+                edit, kept = ledits.ledits_guidance(uncond, preds, rows, step, self.plan, masks, return_kept=True,
+                                                    attn_masks=attn_masks, intersect_both=both)
             else:
-                edit = ledits.ledits_guidance(uncond, preds, rows, step, self.plan, masks)
+                edit = ledits.ledits_guidance(uncond, preds, rows, step, self.plan, masks,
+                                              attn_masks=attn_masks, intersect_both=both)
             if want:
                 self._watch(step, rows, kept, masks)
             if edit is not None:

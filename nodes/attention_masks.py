@@ -1,0 +1,154 @@
+"""The concepts' cross-attention maps, captured as the model runs (LEDITS++'s M1, arXiv:2311.16711).
+
+One `attn2_patch` (ComfyUI's list hook before cross-attention: it composes with other packs'
+attention patches) is put on a model whose SEGA concepts use mask_from "attention" or
+"intersect". It does nothing unless the sampling run holds an AttentionCapture in its
+transformer_options and that capture is waiting for an evaluation. Then, only at the
+cross-attention layers of the down and up blocks whose query map is a quarter of the latent (as
+diffusers' LEDITS++ picks them) and only for the concept rows, it recomputes softmax(q k^T) from
+the layer's own to_q / to_k (optimised attention kernels never return probabilities), reduces it
+at once to one (B, h*w) sum per concept (sega_core.attention.token_attention) and returns its
+inputs unchanged: the model's output stays bit for bit what it was.
+
+Which rows are the concepts': calc_cond_batch puts each cond's index in the evaluation's conds list
+into transformer_options["cond_or_uncond"], one entry per batch chunk of equal size. The SEGA patch
+evaluates [positive, negative, concept rows...] (indices 2, 3, ...), the photo guider
+[uncond, (source), concept rows...]; the caller says which index is which concept.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from ..sega_core.attention import attention_mask, intersects, token_attention, token_positions
+from .errors import SEGAError
+
+ATTN_KEY = "sega_attention"  # the run's AttentionCapture, in its transformer_options
+_BLOCKS = ("input", "output")  # diffusers' down and up blocks; the middle block is left out
+
+
+class AttentionCapture:
+    """The cross-attention maps of one sampling run's concept rows, one evaluation at a time."""
+
+    def __init__(self, diffusion_model: torch.nn.Module, model=None):
+        self.diffusion_model = diffusion_model
+        self.always_intersect = _is_sdxl(model)  # diffusers' SDXL pipeline intersects at every step
+        self._index: Dict[int, int] = {}  # cond index in the evaluation -> plan concept
+        self._sums: Dict[int, torch.Tensor] = {}  # concept -> (B, h*w) sum over layers and heads
+        self._heads: Dict[int, int] = {}  # concept -> layers x heads summed
+        self._hw = None  # (h, w) of the map
+        self.layers_seen = 0  # layers captured in the last evaluation (for tests)
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._index)
+
+    def begin(self, index_to_concept: Dict[int, int]) -> None:
+        """Capture, during the next model evaluation, the rows of these cond indices."""
+        self._index = dict(index_to_concept)
+        self._sums, self._heads, self._hw = {}, {}, None
+        self.layers_seen = 0
+
+    def end(self) -> Dict[int, torch.Tensor]:
+        """The evaluation's maps: concept -> (B, h, w), the mean over layers and heads of the
+        attention summed over the token positions; concepts with no captured layer are left out."""
+        maps = {}
+        if self._hw is not None:
+            for c, s in self._sums.items():
+                maps[c] = (s / self._heads[c]).view(s.shape[0], *self._hw)
+        self._index, self._sums, self._heads = {}, {}, {}
+        return maps
+
+    def layer(self, extra_options: dict):
+        """The cross-attention module of the transformer block that calls the patch, or None."""
+        block = extra_options.get("block")
+        if block is None or block[0] not in _BLOCKS:
+            return None
+        blocks = self.diffusion_model.input_blocks if block[0] == "input" else self.diffusion_model.output_blocks
+        for layer in blocks[block[1]]:
+            tb = getattr(layer, "transformer_blocks", None)
+            if tb is not None:
+                return tb[extra_options.get("block_index", 0)].attn2
+        return None
+
+    def __call__(self, n: torch.Tensor, context: torch.Tensor, extra_options: dict) -> None:
+        cond_or_uncond = extra_options.get("cond_or_uncond") or []
+        shape = extra_options.get("original_shape")
+        if not cond_or_uncond or shape is None or len(shape) != 4:
+            return
+        hw = (int(shape[-2] / 4), int(shape[-1] / 4))  # diffusers: (int(h / 4), int(w / 4))
+        if n.shape[1] != hw[0] * hw[1] or not any(i in self._index for i in cond_or_uncond):
+            return
+        attn = self.layer(extra_options)
+        if attn is None:
+            return
+        heads = int(extra_options["n_heads"])
+        b = n.shape[0] // len(cond_or_uncond)
+        positions = token_positions(context.shape[1])
+        with torch.no_grad():
+            for chunk, index in enumerate(cond_or_uncond):
+                c = self._index.get(index)
+                if c is None:
+                    continue
+                rows = slice(chunk * b, (chunk + 1) * b)
+                s = token_attention(attn.to_q(n[rows]), attn.to_k(context[rows]), heads, positions)
+                self._sums[c] = s if c not in self._sums else self._sums[c] + s
+                self._heads[c] = self._heads.get(c, 0) + heads
+        self._hw = hw
+        self.layers_seen += 1
+
+
+def attention_patch(n, context, value, extra_options):
+    """The attn2_patch: hands the concept rows to the run's AttentionCapture, returns its inputs unchanged."""
+    capture = extra_options.get(ATTN_KEY)
+    if capture is not None and capture.waiting:
+        capture(n, context, extra_options)
+    return n, context, value
+
+
+def install(model) -> None:
+    """Put the attn2_patch on a (cloned) ModelPatcher, once."""
+    patches = model.model_options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", [])
+    if attention_patch not in patches:
+        model.set_model_attn2_patch(attention_patch)
+
+
+def start_capture(model_options: dict, model_patcher) -> AttentionCapture:
+    """A fresh AttentionCapture in a sampling run's (cloned) model_options."""
+    capture = AttentionCapture(model_patcher.model.diffusion_model, model_patcher.model)
+    model_options.setdefault("transformer_options", {})[ATTN_KEY] = capture
+    return capture
+
+
+def masks_for(maps: Dict[int, torch.Tensor], needed, plan, x: torch.Tensor, where) -> list:
+    """Per concept of the plan: M1 at x's latent size (B, 1, H, W) for the concepts in `needed`, else
+    None. `where(c)` names concept c in the error when its map is missing."""
+    out = [None] * len(plan)
+    for c in needed:
+        m = maps.get(c)
+        if m is None:
+            raise SEGAError(
+                f"{where(c)}: mask_from '{plan.mask_from[c]}' needs the concept's cross-attention map, but the "
+                f"model has no cross-attention layer at a quarter of the latent's size (UNet models: SD 1.x, "
+                f"SD 2.x, SDXL, with a latent of at least 8x8), or the concept's conditioning has an area. "
+                f"Use mask_from 'implicit' for this model.")
+        out[c] = attention_mask(m, plan.threshold[c], x.shape[-2:]).to(x.device)
+    return out
+
+
+def intersect_now(capture: AttentionCapture, model_patcher, sigma: float) -> bool:
+    """Whether "intersect" uses both masks at this step's scheduled sigma (a host float): SDXL
+    always, SD at timesteps t <= 800 (t rounded to diffusers' integer timesteps)."""
+    if capture.always_intersect:
+        return True
+    t = model_patcher.get_model_object("model_sampling").timestep(torch.tensor([float(sigma)]))
+    return intersects(round(float(t[0])), False)
+
+
+def _is_sdxl(model) -> bool:
+    try:
+        import comfy.model_base
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, comfy.model_base.SDXL)

@@ -1,0 +1,333 @@
+"""SEGA Concept's mask_from: LEDITS++'s cross-attention masks inside a real ComfyUI.
+
+- equal to diffusers' LEDITS++ pipeline (use_cross_attn_mask, use_intersect_mask) on one set of
+  UNet weights run by both (harness.shared_unet, with a level at a quarter of the latent: the
+  layers LEDITS++ takes its maps from): the concepts' masks and the edited latents;
+- `implicit` leaves every image bit for bit as it was (no attention patch is even installed);
+- the mask lands where the concept's tokens are attended (a constructed case);
+- it composes with PAG and another pack's attn2 patch: every patch keeps acting.
+"""
+from __future__ import annotations
+
+import comfy_host
+
+comfy_host.prepare_host()
+import pytest
+import torch
+
+import comfy.samplers
+
+from families import one_thread  # noqa: F401  (fixture)
+from harness.pack import concept_inputs, node_output, pack_module
+from harness.tiny import TINY_SD15_UNET
+from sega_testlib import cond, sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TOL = 1e-5  # float32
+# the tiny SD1.5 UNet with three levels; cross-attention only on the deepest, a quarter of the latent
+MASK_UNET = dict(TINY_SD15_UNET, num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1], transformer_depth=[0, 0, 1],
+                 transformer_depth_output=[0, 0, 0, 0, 1, 1])
+SIZE = 32  # latent side: 8x8 attention maps
+STEPS, SKIP, SEED = 6, 0.15, 3
+
+
+def clip_like(gen, n: int = 77, width: int = 768, start=None):
+    """An embedding shaped like CLIP's: a large start-of-text vector shared by every prompt (it
+    draws most of the attention), then the prompt's own tokens."""
+    e = torch.randn(n, width, generator=gen)
+    e[0] = start
+    return e
+
+
+@pytest.fixture(scope="module")
+def shared():
+    from harness.shared_unet import shared_unet
+
+    return shared_unet(unet_config=MASK_UNET)
+
+
+@pytest.fixture(scope="module")
+def embeddings():
+    gen = torch.Generator().manual_seed(11)
+    start = 4.0 * torch.randn(768, generator=gen)
+    return {t: clip_like(gen, start=start) for t in ("", "glasses", "a hat")}
+
+
+def concepts_of(conds: dict, settings: list):
+    node = pack_module("nodes.concept_nodes").SEGAConcept
+    out = None
+    for text, s in settings:
+        s = dict(s)
+        mask_from = s.pop("mask_from", None)
+        inputs = concept_inputs(conds[text], label=text, concepts=out, warmup=0, **s)
+        if mask_from is not None:
+            inputs["mask_from"] = mask_from
+        out = node_output(node.execute(**inputs))
+    return out
+
+
+def pack_edit(model, conds, x0, settings):
+    """SEGA Invert Photo + SEGA Photo Edit (LEDITS++ combination, diffusers' reconstruction): the
+    edited latent (diffusers' scaling) and the PhotoGuider (its MaskWatch holds the masks used)."""
+    from harness import ledits_shared as ref
+
+    inv = node_output(pack_module("nodes.photo_invert").SEGAInvertPhoto.execute(
+        model=model, latent={"samples": x0 / ref.SCALING_FACTOR}, uncond=conds[""], steps=STEPS, skip=SKIP,
+        seed=SEED, source=None, source_guidance=3.5))
+    guiders = []
+    out = pack_module("nodes.photo_edit").photo_edit(model, inv, concepts_of(conds, settings), "ledits", "as diffusers",
+                                                     guider_out=guiders)
+    return out["samples"] * ref.SCALING_FACTOR, guiders[0]
+
+
+class ClipTokenizer:
+    """Like CLIPTokenizer with padding="max_length": every prompt reports length 77, so diffusers sums
+    the 75 positions after the start token (LEDITS.md, M1)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.model_max_length = inner.model_max_length
+        self.added_tokens_encoder = {}
+
+    def tokenize(self, text):
+        return self.inner.tokenize(text)
+
+    def __call__(self, texts, **kwargs):
+        out = self.inner(texts, **kwargs)
+        out.length = torch.full_like(out.length, 77)
+        return out
+
+
+def diffusers_edit(shared, embeddings, x0, settings, cross: bool, intersect: bool):
+    import warnings
+
+    from harness import ledits_shared as ref
+
+    pipe = ref.ledits_pipeline(shared.diffusers, embeddings)
+    pipe.tokenizer = ClipTokenizer(pipe.tokenizer)
+    ref.invert(pipe, x0, STEPS, SKIP, SEED)
+    kw = dict(editing_prompt=[t for t, _ in settings],
+              reverse_editing_direction=[s.get("direction") == "remove" for _, s in settings],
+              edit_guidance_scale=[s.get("edit_scale", 5.0) for _, s in settings],
+              edit_warmup_steps=[0] * len(settings), edit_cooldown_steps=[ref.NEVER] * len(settings),
+              edit_threshold=[s.get("threshold", 0.9) for _, s in settings])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = pipe(output_type="latent", use_cross_attn_mask=cross, use_intersect_mask=intersect,
+                   return_dict=False, **kw)
+    return out[0], pipe.activation_mask, [int(t) for t in pipe.inversion_steps]
+
+
+@pytest.mark.parametrize("mode", ["attention", "intersect"])
+def test_equal_to_diffusers_ledits(shared, embeddings, mode):
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(1, 4, SIZE, SIZE, generator=gen)
+    conds = {t: [[e.unsqueeze(0), {}]] for t, e in embeddings.items()}
+    settings = [("glasses", {"mask_from": mode, "threshold": 0.8}),
+                ("a hat", {"mask_from": mode, "threshold": 0.9, "direction": "remove", "edit_scale": 3.0})]
+    ours, guider = pack_edit(shared.comfy, conds, x0, settings)
+    theirs, activation, timesteps = diffusers_edit(shared, embeddings, x0, settings, cross=True,
+                                                   intersect=mode == "intersect")
+    if mode == "intersect":
+        assert any(t > 800 for t in timesteps) and any(t <= 800 for t in timesteps)  # both rules run
+    # the masks each concept used, averaged over its steps (every step: warm-up 0, no cool-down)
+    for c in range(len(settings)):
+        want = activation[:, c, :, 0].float().mean(0)  # (B, H, W)
+        got = guider.watch.sums[c] / guider.watch.counts[c]
+        assert guider.watch.counts[c] == STEPS
+        assert torch.allclose(got.float(), want, atol=1e-6), f"concept {c}: masks differ"
+        assert 0.0 < float(want.mean()) < 0.5  # a real mask, not everything
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= TOL, f"edited latents differ by {diff:.2e}"
+    # and it is not the implicit edit
+    plain, _ = pack_edit(shared.comfy, conds, x0, [(t, {k: v for k, v in s.items() if k != "mask_from"})
+                                                   for t, s in settings])
+    assert (plain - ours).abs().max() > 1e-3
+
+
+# -- inside ComfyUI's sampler: implicit unchanged, the capture leaves the model alone, composition --
+
+@pytest.fixture(scope="module")
+def pag_model():
+    """The three-level tiny SD1.5 with a middle-block transformer too (where PAG acts)."""
+    import comfy.supported_models
+
+    from harness.tiny import init_weights, patcher, unet_config
+
+    cfg = unet_config(comfy.supported_models.SD15, **{k: MASK_UNET[k] for k in (
+        "num_res_blocks", "channel_mult", "transformer_depth", "transformer_depth_output")},
+        transformer_depth_middle=1, num_classes=None, adm_in_channels=None)
+    model = comfy.supported_models.SD15(cfg).get_model({})
+    init_weights(model, 2, 0.05, norms_at_one=True)
+    return patcher(model)
+
+
+def start_like():
+    gen = torch.Generator().manual_seed(11)
+    return 4.0 * torch.randn(768, generator=gen)
+
+
+def text(seed: int):
+    return [[clip_like(torch.Generator().manual_seed(seed), start=start_like()).unsqueeze(0), {}]]
+
+
+POS, NEG, C1, C2 = (text(s) for s in (21, 22, 23, 24))
+
+
+def apply(model, settings):
+    concepts = concepts_of({"c1": C1, "c2": C2}, settings)
+    return pack_module("nodes.patch").apply_sega(model, concepts, 0.0, 0.4)
+
+
+def attn2_patches(model):
+    return model.model_options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", [])
+
+
+def test_implicit_is_bit_identical_and_installs_nothing(pag_model):
+    """mask_from implicit (or absent, as in saved workflows) samples exactly as before: no attention
+    patch is installed and the image is the same bit for bit."""
+    absent = apply(pag_model, [("c1", {"threshold": 0.7}), ("c2", {"direction": "remove"})])
+    implicit = apply(pag_model, [("c1", {"threshold": 0.7, "mask_from": "implicit"}),
+                                 ("c2", {"direction": "remove", "mask_from": "implicit"})])
+    assert attn2_patches(absent) == [] and attn2_patches(implicit) == []
+    a = sample(absent, POS, NEG, steps=4, size=16)
+    assert torch.equal(a, sample(implicit, POS, NEG, steps=4, size=16))
+    plain = sample(pag_model, POS, NEG, steps=4, size=16)
+    assert (a - plain).abs().max() > 1e-3  # SEGA edits
+    attention = apply(pag_model, [("c1", {"threshold": 0.7, "mask_from": "attention"})])
+    assert len(attn2_patches(attention)) == 1
+
+
+def first_predictions(model, settings):
+    """The first evaluation's predictions of every row (positive, negative, concepts), recorded by a
+    CALC_COND_BATCH wrapper inside SEGA's."""
+    from sega_testlib import Recorder
+
+    rec = Recorder()
+    sample(rec.attach(apply(model, settings)), POS, NEG, steps=2, size=16)
+    return rec.calls[0]["out"]
+
+
+def test_the_capture_leaves_the_predictions_bit_for_bit(pag_model):
+    """At the first step every run sees the same latent: with the attention capture at work the model's
+    predictions of all rows are exactly those of the implicit run."""
+    implicit = first_predictions(pag_model, [("c1", {}), ("c2", {})])
+    captured = first_predictions(pag_model, [("c1", {"mask_from": "attention"}), ("c2", {"mask_from": "intersect"})])
+    assert len(implicit) == len(captured) == 4
+    for a, b in zip(implicit, captured):
+        assert torch.equal(a, b)
+
+
+def test_concept_masks_output_shows_the_attention_mask(pag_model):
+    """SEGA KSampler's concept_masks: with mask_from attention, what the concept's attention map keeps
+    (the same in every channel, about 1 - threshold of the positions), not SEGA's per-channel threshold."""
+    patch = pack_module("nodes.patch")
+    masks = {}
+    for mode in ("implicit", "attention"):
+        log = patch.RunLog()
+        concepts = concepts_of({"c1": C1}, [("c1", {"threshold": 0.75, "mask_from": mode})])
+        m = patch.apply_sega(pag_model, concepts, 0.0, 0.4, log_to=log)
+        sample(m, POS, NEG, steps=3, size=16)
+        watch = log.watches[0]
+        masks[mode] = watch.sums[0] / watch.counts[0]
+    att = masks["attention"]
+    # binary per step and the same in every channel: each position kept in 0, 1, 2 or 3 of 3 steps
+    assert torch.allclose(att * 3, (att * 3).round(), atol=1e-5)
+    assert 0.15 <= float(att.mean()) <= 0.35
+    assert not torch.equal(att, masks["implicit"])
+
+
+def test_the_mask_lands_where_the_concept_tokens_are_attended(shared):
+    """A constructed case at one real cross-attention layer of the model: the concept row's pixels in
+    the top-left quarter have hidden states whose query matches the keys of the concept's word tokens
+    (solved through the layer's own to_k), the uncond and positive rows attend to the bottom-right.
+    The capture takes only the concept row, and its mask is the top-left quarter."""
+    am = pack_module("nodes.attention_masks")
+    from sega_core.attention import attention_mask
+
+    dm = shared.comfy.model.diffusion_model
+    capture = am.AttentionCapture(dm)
+    opts = {"block": ("input", 5), "block_index": 0, "cond_or_uncond": [0, 1, 2], "original_shape": [3, 4, 32, 32],
+            am.ATTN_KEY: capture}
+    attn = capture.layer(opts)
+    assert attn is not None, "no cross-attention in input block 5"
+    opts["n_heads"] = attn.heads
+    gen = torch.Generator().manual_seed(0)
+    width = attn.to_q.in_features
+
+    def token_for(hidden, logit):
+        """A context token whose key meets the query of `hidden` with this dot product (spread over the
+        heads, each head's share positive), solved through the layer's own to_k."""
+        q = attn.to_q(hidden)
+        key = logit * q / q.norm() ** 2
+        return torch.linalg.lstsq(attn.to_k.weight.detach(), key.unsqueeze(1)).solution.squeeze(1)
+
+    with torch.no_grad():
+        u, v = torch.randn(width, generator=gen), torch.randn(width, generator=gen)
+        ctx = torch.zeros(3, 77, attn.to_k.in_features)
+        ctx[:, 0] = token_for(u, 1500.0)  # the start token: every pixel attends to it (as in CLIP)
+        ctx[:, 1:3] = token_for(v, 4000.0)  # the concept's two word tokens
+        n = u + 0.1 * torch.randn(3, 64, width, generator=gen)
+    grid = torch.zeros(8, 8, dtype=torch.bool)
+    grid[:4, :4] = True
+    n[2, grid.flatten()] += v  # the concept row: top-left attends to the word tokens
+    n[:2, (~grid).flatten().nonzero()[-16:].squeeze(1)] += v  # uncond and positive: elsewhere
+    capture.begin({2: 0})
+    out = am.attention_patch(n, ctx, ctx, opts)
+    assert out[0] is n and out[1] is ctx and out[2] is ctx  # inputs handed on unchanged
+    maps = capture.end()
+    assert list(maps) == [0] and maps[0].shape == (1, 8, 8)
+    assert maps[0][0][grid].min() > 0.5 > maps[0][0][~grid].max()  # most attention on the words there
+    mask = attention_mask(maps[0], 0.75, (32, 32))[0, 0]
+    want = grid.repeat_interleave(4, 0).repeat_interleave(4, 1)
+    assert torch.equal(mask, want)
+    # a layer of another resolution, the middle block, or no waiting capture: nothing is taken
+    capture.begin({2: 0})
+    am.attention_patch(n[:, :16], ctx, ctx, opts)
+    am.attention_patch(n, ctx, ctx, dict(opts, block=("middle", 0)))
+    assert capture.end() == {}
+    am.attention_patch(n, ctx, ctx, opts)  # not waiting: ignored
+    assert capture.end() == {}
+
+
+class ThrowawayAttn2:
+    """Another pack's attn2 patch: scales the cross-attention context, counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, n, context, value, extra_options):
+        self.calls += 1
+        return n, context * 1.5, value * 1.5
+
+
+def test_works_with_pag_and_another_attn2_patch(pag_model):
+    """SEGA with attention masks, PAG and a throwaway attn2 patch on one model: PAG still changes the
+    image, the throwaway patch is still called and changes it, and SEGA still captures its maps
+    and edits."""
+    import importlib
+
+    pag = importlib.import_module("comfy_extras.nodes_pag").PerturbedAttentionGuidance
+    settings = [("c1", {"mask_from": "intersect", "threshold": 0.8})]
+
+    def run(sega=True, with_pag=True, throwaway=None):
+        m = pag_model.clone()
+        if throwaway is not None:
+            m.set_model_attn2_patch(throwaway)
+        if with_pag:
+            m = node_output(pag.execute(m, 3.0))
+        if sega:
+            m = apply(m, settings)
+        log = pack_module("nodes.patch").RunLog()
+        if sega:  # the same patch again, with a RunLog to read the masks used
+            m = pack_module("nodes.patch").apply_sega(m, concepts_of({"c1": C1}, settings), 0.0, 0.4, log_to=log)
+        return sample(m, POS, NEG, steps=3, size=16), log
+
+    other = ThrowawayAttn2()
+    everything, log = run(throwaway=other)
+    assert other.calls > 0
+    watch = log.watches[0]
+    assert watch.counts[0] == 3 and 0 < float((watch.sums[0] / 3).mean()) < 0.5  # SEGA's masks were made
+    assert (everything - run(throwaway=ThrowawayAttn2(), with_pag=False)[0]).abs().max() > 1e-3  # PAG acts
+    assert (everything - run(throwaway=None)[0]).abs().max() > 1e-3  # the throwaway patch acts
+    assert (everything - run(sega=False, throwaway=ThrowawayAttn2())[0]).abs().max() > 1e-3  # SEGA acts
