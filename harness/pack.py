@@ -20,7 +20,7 @@ MODULE_NAME = "comfyui_sega_under_test"
 NEVER = 10000
 CONCEPT_DEFAULTS = {"edit_scale": 5.0, "direction": "add", "threshold": 0.9, "warmup": 10, "cooldown": NEVER,
                     "weight": 1.0}
-CONCEPT_OPTIONAL = ("label", "concepts", "mask")
+CONCEPT_OPTIONAL = ("label", "concepts", "mask", "window_unit")
 
 
 def import_pack():

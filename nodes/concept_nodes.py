@@ -11,6 +11,74 @@ from .schema import CATEGORY, schema
 
 Concepts = io.Custom(SEGA_CONCEPTS)
 NEVER = 10000  # cool-down value that never triggers (the reference's None)
+WINDOW_UNITS = ("steps", "percent")  # the window_unit input: how warmup and cooldown count
+
+
+def concept_settings_inputs() -> list:
+    """The inputs of a concept's settings, shared by SEGA Concept and SEGA Concept (text): edit_scale,
+    direction, threshold, warmup, cooldown and weight, in this order (saved workflows keep it)."""
+    return [
+        io.Float.Input(
+            "edit_scale", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
+            tooltip="How strongly the concept is pushed (edit guidance scale s_e). 0 turns the concept "
+                    "off; the paper uses 3 to 10 (default 5). Too high burns the image."),
+        io.Combo.Input(
+            "direction", options=["add", "remove"], default="add",
+            tooltip="add: steer the image towards the concept (glasses, smile). remove: steer away from "
+                    "it (cars, text); the reference's reverse_editing_direction."),
+        io.Float.Input(
+            "threshold", default=0.9, min=0.0, max=0.999, step=0.001, round=0.001,
+            tooltip="Keeps only the strongest part of the edit: 0.9 keeps the top 10% of positions per "
+                    "channel, so the rest of the image stays. 0 keeps everything; the paper uses "
+                    "0.9 to 0.95. Must be below 1."),
+        io.Int.Input(
+            "warmup", default=10, min=0, max=NEVER,
+            tooltip="Sampler steps of this run before the concept acts (0-based, counted like the "
+                    "reference's edit_warmup_steps: 10 of 50 steps = the paper's default). The "
+                    "composition forms first, then the concept is edited in. 0 starts at once. With "
+                    "window_unit percent: percent of the run's steps (20 = after a fifth)."),
+        io.Int.Input(
+            "cooldown", default=NEVER, min=0, max=NEVER,
+            tooltip="Sampler step of this run from which the concept stops acting (the reference's "
+                    "edit_cooldown_steps). Any value at or past the run's last step never stops it "
+                    "(the default 10000 = never). Its rows are then skipped, saving time. With window_unit "
+                    "percent: percent of the run's steps (100 or more = never)."),
+        io.Float.Input(
+            "weight", default=1.0, min=0.0, max=10.0, step=0.01, round=0.001,
+            tooltip="Relative weight of this concept among several (edit weight). 1 is neutral; 0 "
+                    "turns it off."),
+    ]
+
+
+def window_unit_input() -> io.Combo.Input:
+    """The last optional input of SEGA Concept and SEGA Concept (text)."""
+    return io.Combo.Input(
+        "window_unit", options=list(WINDOW_UNITS), default="steps", optional=True,
+        tooltip="How warmup and cooldown count. steps (default): sampler steps of the run. percent: percent of "
+                "the run's steps, so the window survives a change of step count (warmup 20, cooldown 80 acts "
+                "from 20% to 80% of the schedule: steps 10-39 of 50, 4-15 of 20; cooldown 100 or more: to "
+                "the end). It acts at step i of N when warmup <= 100 i / N < cooldown, N counting from "
+                "start_at_step's step 0, like ConditioningSetTimestepRange and ControlNet's start/end percent.")
+
+
+def make_concept(node: str, edit_scale, direction, threshold, warmup, cooldown, weight, mask_from="implicit",
+                 window_unit="steps") -> Concept:
+    """The sega_core Concept of a SEGA Concept node's settings (checked again by the sampler's plan)."""
+    if direction not in ("add", "remove"):
+        raise SEGAError(f"{node}: direction must be 'add' or 'remove', got {direction!r}.")
+    if mask_from not in MASK_FROM:
+        raise SEGAError(f"{node}: mask_from must be one of {', '.join(MASK_FROM)}, got {mask_from!r}.")
+    if window_unit not in WINDOW_UNITS:
+        raise SEGAError(f"{node}: window_unit must be one of {', '.join(WINDOW_UNITS)}, got {window_unit!r}.")
+    if window_unit == "percent":
+        if not 0 <= warmup <= 100:
+            raise SEGAError(f"{node}: warmup is a percent of the run's steps (window_unit percent): 0 to 100, "
+                            f"got {warmup}.")
+        start, end, unit = warmup / 100.0, None if cooldown >= 100 else cooldown / 100.0, "fraction"
+    else:
+        start, end, unit = int(warmup), None if cooldown >= NEVER else int(cooldown), "steps"
+    return Concept(scale=float(edit_scale), threshold=float(threshold), warmup=start, cooldown=end,
+                   weight=float(weight), reverse=direction == "remove", mask_from=mask_from, window_unit=unit)
 
 
 def _chain(concepts) -> list:
@@ -37,33 +105,7 @@ class SEGAConcept(io.ComfyNode):
                     "conditioning",
                     tooltip="The concept's text, encoded with the CLIP of the model you sample with "
                             "(CLIP Text Encode). Prompt weighting and SDXL's pooled output work as usual."),
-                io.Float.Input(
-                    "edit_scale", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                    tooltip="How strongly the concept is pushed (edit guidance scale s_e). 0 turns the concept "
-                            "off; the paper uses 3 to 10 (default 5). Too high burns the image."),
-                io.Combo.Input(
-                    "direction", options=["add", "remove"], default="add",
-                    tooltip="add: steer the image towards the concept (glasses, smile). remove: steer away from "
-                            "it (cars, text); the reference's reverse_editing_direction."),
-                io.Float.Input(
-                    "threshold", default=0.9, min=0.0, max=0.999, step=0.001, round=0.001,
-                    tooltip="Keeps only the strongest part of the edit: 0.9 keeps the top 10% of positions per "
-                            "channel, so the rest of the image stays. 0 keeps everything; the paper uses "
-                            "0.9 to 0.95. Must be below 1."),
-                io.Int.Input(
-                    "warmup", default=10, min=0, max=NEVER,
-                    tooltip="Sampler steps of this run before the concept acts (0-based, counted like the "
-                            "reference's edit_warmup_steps: 10 of 50 steps = the paper's default). The "
-                            "composition forms first, then the concept is edited in. 0 starts at once."),
-                io.Int.Input(
-                    "cooldown", default=NEVER, min=0, max=NEVER,
-                    tooltip="Sampler step of this run from which the concept stops acting (the reference's "
-                            "edit_cooldown_steps). Any value at or past the run's last step never stops it "
-                            "(the default 10000 = never). Its rows are then skipped, saving time."),
-                io.Float.Input(
-                    "weight", default=1.0, min=0.0, max=10.0, step=0.01, round=0.001,
-                    tooltip="Relative weight of this concept among several (edit weight). 1 is neutral; 0 "
-                            "turns it off."),
+                *concept_settings_inputs(),
                 io.String.Input(
                     "label", default="", optional=True,
                     tooltip="A name for this concept in messages and previews (optional, e.g. 'glasses')."),
@@ -85,6 +127,7 @@ class SEGAConcept(io.ComfyNode):
                             "2.x, SDXL). intersect: both at once, LEDITS++'s default (on SD 1.x/2.x only below "
                             "timestep 800, attention alone before). attention and intersect compute the "
                             "concept's attention map at a few layers: a little slower."),
+                window_unit_input(),
             ],
             outputs=[Concepts.Output(display_name="concepts", tooltip="This concept, after any chained ones.")],
         )
@@ -105,17 +148,13 @@ class SEGAConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, edit_scale, direction, threshold, warmup, cooldown, weight,
-                label="", concepts=None, mask=None, mask_from="implicit") -> io.NodeOutput:
-        if direction not in ("add", "remove"):
-            raise SEGAError(f"SEGA Concept: direction must be 'add' or 'remove', got {direction!r}.")
-        if mask_from not in MASK_FROM:
-            raise SEGAError(f"SEGA Concept: mask_from must be one of {', '.join(MASK_FROM)}, got {mask_from!r}.")
+                label="", concepts=None, mask=None, mask_from="implicit", window_unit="steps") -> io.NodeOutput:
         # the settings are validated once, with the others, when a sampler node builds its plan
+        concept = make_concept("SEGA Concept", edit_scale, direction, threshold, warmup, cooldown, weight, mask_from,
+                               window_unit)
         return io.NodeOutput(_chain(concepts) + [ConceptSpec(
             conditioning=conditioning,
-            concept=Concept(scale=float(edit_scale), threshold=float(threshold), warmup=int(warmup),
-                            cooldown=None if cooldown >= NEVER else int(cooldown), weight=float(weight),
-                            reverse=direction == "remove", mask_from=mask_from),
+            concept=concept,
             label=str(label or "").strip(),
             mask=mask,
         )])

@@ -218,7 +218,9 @@ def photo_guider(model, inversion, concepts, combination: str, node: str, previe
             spec.concept.validate(spec.describe(i))
         # LEDITS++ has no momentum; SEGA's combination here uses none either (the photo is replayed,
         # not sampled afresh)
-        plan = Plan.build([s.concept for s in specs], 0.0, 0.0)
+        # windows given as fractions of the schedule become steps of the inversion's schedule, here,
+        # once: the edit replays exactly the inversion's steps
+        plan = Plan.build([s.concept for s in specs], 0.0, 0.0).for_steps(inversion.steps)
     except SEGAValueError as e:
         raise SEGAError(f"{node}: {e}") from None
     for i, spec in enumerate(specs):

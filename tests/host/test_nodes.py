@@ -7,8 +7,9 @@ import pytest
 
 from harness.pack import concept_inputs
 
-SEGA_NODES = ["SEGAConcept", "SEGAConceptStack", "SEGAApply", "SEGAGuider", "SEGAKSampler", "SEGASaveEdit",
-              "SEGAReplayEdit", "SEGAInvertPhoto", "SEGAPhotoEdit", "SEGAPhotoGuider", "SEGAInversionSampler"]
+SEGA_NODES = ["SEGAConcept", "SEGAConceptText", "SEGAPrompt", "SEGAConceptStack", "SEGAApply", "SEGAGuider",
+              "SEGAKSampler", "SEGASaveEdit", "SEGAReplayEdit", "SEGAInvertPhoto", "SEGAPhotoEdit", "SEGAPhotoGuider",
+              "SEGAInversionSampler"]
 
 
 @pytest.fixture(scope="module")
