@@ -52,8 +52,11 @@ def apply_options(prompt: dict, args) -> None:
     for option, kind in (("edit_scale", "edit_scale"), ("direction", "direction"), ("warmup", "warmup"),
                          ("threshold", "threshold")):
         set_all(kind, getattr(args, option), ("SEGAConcept",))
+    typed = typed_concepts(args.prompt)
     for role in ("positive", "negative"):
         text = getattr(args, "prompt" if role == "positive" else "negative")
+        if role == "positive" and typed is not None:
+            text = typed.prompt or None  # the prompt lines of a --prompt with inline concepts
         if text is None:
             continue
         for node in list(prompt.values()):
@@ -69,6 +72,61 @@ def apply_options(prompt: dict, args) -> None:
             raise WorkflowError("--concept: the SEGA Concept's conditioning does not come from a CLIP Text Encode")
         source["inputs"]["text"] = args.concept
         concepts[0]["inputs"]["label"] = args.concept
+    if typed is not None and typed.concepts:
+        add_typed_concepts(prompt, args.prompt)
+
+
+TYPED_NODE = "sega_typed"  # the SEGA Prompt node that --prompt's inline concepts add
+SEGA_SAMPLERS = ("SEGAKSampler", "SEGAGuider", "SEGAApply")
+
+
+def typed_concepts(text):
+    """--prompt's text read as SEGA Prompt reads it (the prompt lines and any inline concepts, such as
+    '+ glasses :6 @10-'); None without --prompt; WorkflowError naming the line and column of a mistake."""
+    if text is None:
+        return None
+    from sega_core import SEGAValueError
+    from sega_core.prompt_syntax import parse_prompt
+
+    try:
+        return parse_prompt(text, where="--prompt")
+    except SEGAValueError as e:
+        raise WorkflowError(str(e)) from None
+
+
+def add_typed_concepts(prompt: dict, text: str) -> None:
+    """A SEGA Prompt node holding --prompt's text, whose concepts follow the workflow's own at its one
+    SEGA sampler (the concepts as the node makes them; its positive output is not used, the positive
+    CLIP Text Encode gets the same prompt lines)."""
+    samplers = [n for n in prompt.values() if n["class_type"] in SEGA_SAMPLERS]
+    if len(samplers) != 1:
+        raise WorkflowError(f"--prompt with concepts needs a workflow with one SEGA KSampler, SEGA Guider or SEGA "
+                            f"Apply; this one has {len(samplers)}")
+    sampler = samplers[0]
+    encoder = source_of(prompt, sampler, "positive") or next(
+        (n for n in prompt.values() if n["class_type"] == "CLIPTextEncode"), None)
+    if encoder is None or not isinstance(encoder["inputs"].get("clip"), list):
+        raise WorkflowError("--prompt with concepts: the workflow has no CLIP Text Encode to take the CLIP from")
+    inputs = {"clip": encoder["inputs"]["clip"], "text": text}
+    if sampler["inputs"].get("concepts") is not None:
+        inputs["concepts"] = sampler["inputs"]["concepts"]
+    prompt[TYPED_NODE] = {"class_type": "SEGAPrompt", "inputs": inputs}
+    sampler["inputs"]["concepts"] = [TYPED_NODE, 1]
+
+
+def typed_off(prompt: dict, typed) -> None:
+    """In side_by_side's run without SEGA, --prompt's inline concepts at edit scale 0 too."""
+    if typed is None or not typed.concepts:
+        return
+    import dataclasses
+
+    from sega_core.prompt_syntax import render_prompt
+
+    base = prompt.get(f"base:{TYPED_NODE}")
+    if base is None:
+        raise WorkflowError("--prompt with concepts needs a workflow whose SEGA sampler takes SEGA Concepts")
+    off = dataclasses.replace(typed, concepts=tuple(dataclasses.replace(c, scale=0.0) for c in typed.concepts))
+    base["inputs"]["text"] = render_prompt(off)
 
 
 # run_sega.py's options that only a workflow run uses, and those that only a photo edit uses
@@ -145,7 +203,9 @@ def main(argv=None) -> int:
                         "written side by side")
     p.add_argument("--comfyui", help="the ComfyUI folder (default: $COMFYUI_PATH, else $HOME/ComfyUI, else the "
                                       "ComfyUI whose custom_nodes/ holds this pack)")
-    p.add_argument("--prompt", help="the positive prompt's text (default: the workflow's)")
+    p.add_argument("--prompt", help="the positive prompt's text (default: the workflow's); it may hold concepts "
+                                    "as SEGA Prompt reads them, one per line after the prompt ('+ hat :6 @10-', "
+                                    "'- cars'), added after the workflow's")
     p.add_argument("--negative", help="the negative prompt's text (with --image: the uncond the concepts are "
                                       "measured against, default empty as in LEDITS++)")
     p.add_argument("--concept", help="the concept's text (workflows with one SEGA Concept; needed with --image)")
@@ -244,6 +304,8 @@ def main(argv=None) -> int:
         prompt = ui_to_api(workflow)
         apply_options(prompt, args)
         prompt = side_by_side(prompt, "sega_run")
+        typed = typed_concepts(args.prompt)
+        typed_off(prompt, typed)
     except WorkflowError as e:
         print(f"{Path(args.workflow).name}: {e}", file=sys.stderr)
         return 2
@@ -252,6 +314,7 @@ def main(argv=None) -> int:
     result = Path(folder_paths.get_output_directory()) / image.get("subfolder", "") / image["filename"]
     labels = [n["inputs"].get("label") or "a concept" for nid, n in prompt.items()
               if n["class_type"] == "SEGAConcept" and not nid.startswith("base:")]
+    labels += [c.text for c in (typed.concepts if typed is not None else ())]
     print(f"{Path(args.workflow).name}: without SEGA (left) and with SEGA ({', '.join(labels)}) (right): {result}")
     return 0
 

@@ -134,3 +134,52 @@ def test_a_photo_edit_it_cannot_run_is_refused_with_the_reason(tmp_path, args, m
     res = _run("--tiny", *[a.format(**names) for a in args], tmp_path=tmp_path)
     assert res.returncode == 2 and message in res.stderr, res.stdout + res.stderr
     assert not list(tmp_path.glob("sega_photo_*.png"))
+
+
+def _options(**given):
+    import argparse
+
+    names = ("checkpoint_name", "seed", "steps", "cfg", "size", "edit_scale", "direction", "warmup", "threshold",
+             "prompt", "negative", "concept")
+    return argparse.Namespace(**{name: given.get(name) for name in names})
+
+
+def test_prompt_with_inline_concepts_adds_them_after_the_workflows(comfy_nodes):
+    """--prompt with SEGA Prompt's syntax: the prompt lines go to the positive CLIP Text Encode, a SEGA
+    Prompt node adds the typed concepts after the workflow's own, and the run without SEGA has them
+    at edit scale 0."""
+    from run_sega import apply_options, side_by_side, typed_concepts, typed_off, ui_to_api
+
+    from harness.pack import pack_module
+
+    text = "a portrait photo of a man\n+ hat :7 thr=0.5 @0.2-\n- (red scarf:1.2) w=0.5"
+    prompt = ui_to_api(json.loads((PACK_ROOT / "workflows" / "01-add-concept-portrait-sd15.json").read_text()))
+    apply_options(prompt, _options(prompt=text))
+    sampler = next(n for n in prompt.values() if n["class_type"] == "SEGAKSampler")
+    positive = prompt[sampler["inputs"]["positive"][0]]
+    assert positive["inputs"]["text"] == "a portrait photo of a man"
+    typed = prompt[sampler["inputs"]["concepts"][0]]
+    assert typed["class_type"] == "SEGAPrompt" and typed["inputs"]["text"] == text
+    assert prompt[typed["inputs"]["concepts"][0]]["class_type"] == "SEGAConcept"  # the workflow's glasses first
+    both = side_by_side(prompt, "sega_run")
+    typed_off(both, typed_concepts(text))
+    parse = pack_module("sega_core.prompt_syntax").parse_prompt
+    off = parse(both["base:sega_typed"]["inputs"]["text"])
+    on = parse(both["sega_typed"]["inputs"]["text"])
+    assert [c.scale for c in off.concepts] == [0.0, 0.0] and [c.scale for c in on.concepts] == [7.0, 5.0]
+    assert [c.text for c in off.concepts] == [c.text for c in on.concepts] == ["hat", "(red scarf:1.2)"]
+    assert off.prompt == on.prompt == "a portrait photo of a man"
+
+
+def test_tiny_run_with_inline_concepts(tmp_path, tiny_sd15_checkpoint):
+    res = _run("--tiny", "--steps", "3", "--size", "64", "--prompt",
+               "a portrait photo of a man\n+ hat :7 thr=0.5 @0-", tmp_path=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "(glasses, hat)" in res.stdout
+    assert len(list(tmp_path.glob("sega_run_*.png"))) == 1
+
+
+def test_prompt_syntax_errors_are_refused_with_line_and_column(tmp_path, tiny_sd15_checkpoint):
+    res = _run("--tiny", "--prompt", "a portrait\n+ hat thr=2", tmp_path=tmp_path)
+    assert res.returncode == 2
+    assert "--prompt, line 2 col 7: 'thr=2' is outside [0, 1)" in res.stderr, res.stdout + res.stderr
