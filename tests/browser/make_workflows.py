@@ -233,6 +233,32 @@ def workflows() -> list[G]:
     g.save("sampler", (X[3], 0), "sega/img2img")
     out.append(g)
 
+    g = G("13-typed-concepts-sega-prompt", (
+        "SEGA Prompt: the prompt and its concepts typed in one box\n\n"
+        "The first line is the prompt; each line starting with + adds a concept, - removes one. Settings follow "
+        "the concept's text: :6 is the edit scale, thr=0.95 the threshold, w=0.5 the weight, @0.2- the window "
+        "(from 20% of the steps to the end; @10-30 gives steps). Defaults are SEGA Concept's (:5 thr=0.9 w=1 "
+        "@10-). Lines starting with # are comments. The same concepts wired through CLIP Text Encode and SEGA "
+        "Concept give the same image bit for bit.\n\n"
+        "Try: add '+ smiling :5' on a new line; change @0.2- to @0.4- (later: closer to the image without "
+        "the concept); '(red hat:1.2)' weighting works as in CLIP Text Encode. A mistake is reported with its "
+        "line and column before anything runs.\n\nCheckpoint: any SD 1.5 model."))
+    g.node("ckpt", "CheckpointLoaderSimple", (X[0], 80), {"ckpt_name": SD15}, size=(360, 100))
+    g.node("prompt", "SEGAPrompt", (X[1], 0), {"text": (
+        "a photo portrait of a man, looking at the camera, natural light\n"
+        "+ glasses :6 @0.2-\n"
+        "- beard :4 w=0.5 @0.1-\n"
+        "# '+' adds a concept, '-' removes one")}, title="SEGA Prompt", size=(520, 200))
+    g.link("ckpt", 1, "prompt", "clip")
+    g.text("neg", NEG, (X[1], 260), title="Negative prompt")
+    g.node("latent", "EmptyLatentImage", (X[0], 260), {"width": 512, "height": 512, "batch_size": 1})
+    g.sega_ksampler((X[2], 0), seed=21, concepts=None)
+    g.links = [l for l in g.links if not (l[2] == "sampler" and l[3] == "positive")]
+    g.link("prompt", 0, "sampler", "positive")
+    g.link("prompt", 1, "sampler", "concepts")
+    g.save("sampler", (X[3], 0), "sega/typed")
+    out.append(g)
+
     g = G("09a-save-edit", (
         "SEGA Save Edit (step 1 of 2): record an edit on one seed\n\n"
         "SEGA Save Edit before the sampler records the edit SEGA adds at each step of this run into "
