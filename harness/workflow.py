@@ -129,8 +129,8 @@ def side_by_side(prompt: dict, prefix: str) -> dict:
 
 
 def small_run(prompt: dict, ckpt: str, steps: int = 3, size: int = 64) -> dict:
-    """A copy of an API prompt for a quick run: checkpoint `ckpt`, `steps` sampler steps, size x size
-    empty latents, every SEGA Concept still acting within the short run (warm-up at most 1, a
+    """A copy of an API prompt for a quick run: checkpoint `ckpt`, `steps` sampler (and photo inversion)
+    steps, size x size empty latents, every SEGA Concept still acting within the short run (warm-up at most 1, a
     cool-down that would fall inside the run moved to its last step)."""
     from .pack import NEVER
 
@@ -139,7 +139,7 @@ def small_run(prompt: dict, ckpt: str, steps: int = 3, size: int = 64) -> dict:
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = ckpt
-        if kind in ("KSampler", "SEGAKSampler", "BasicScheduler"):
+        if kind in ("KSampler", "SEGAKSampler", "BasicScheduler", "SEGAInvertPhoto"):
             inputs["steps"] = steps
         if kind == "EmptyLatentImage":
             inputs["width"] = inputs["height"] = size

@@ -4,6 +4,7 @@ Each graph below is created in a headless Chromium page through LiteGraph (creat
 widget values) and saved as `app.graph.serialize()`: the UI format the frontend itself saves.
 
     python tests/browser/make_workflows.py        (from the pack's folder, with ComfyUI's Python)
+    python tests/browser/make_workflows.py NAME   (only the examples named, e.g. 10-photo-add-concept-sd15)
 
 Needs what the browser tests need (a ComfyUI host, playwright, the system's Chromium).
 """
@@ -84,6 +85,28 @@ class G:
         self.link("pos", 0, key, "positive")
         self.link("neg", 0, key, "negative")
         self.link(latent, 0, key, "latent_image")
+        return key
+
+    def photo(self, ckpt=SD15, image="example.png", steps=30, skip=0.15, seed=0):
+        """A photo inverted for editing: Load Image -> VAE Encode -> SEGA Invert Photo, with an
+        empty-text CLIP Text Encode as the uncond (LEDITS++'s \"\")."""
+        self.node("ckpt", "CheckpointLoaderSimple", (X[0], 80), {"ckpt_name": ckpt}, size=(360, 100))
+        self.node("image", "LoadImage", (X[0], 240), {"image": image}, size=(360, 400))
+        self.node("encode", "VAEEncode", (X[1], 260))
+        self.link("image", 0, "encode", "pixels")
+        self.link("ckpt", 2, "encode", "vae")
+        self.text("uncond", "", (X[1], 0), title="Uncond (empty text)")
+        self.node("invert", "SEGAInvertPhoto", (X[2], 0),
+                  {"steps": steps, "skip": skip, "seed": seed, "control_after_generate": "fixed"}, size=(380, 200))
+        for src, name in (("ckpt", "model"), ("encode", "latent"), ("uncond", "uncond")):
+            self.link(src, 0, "invert", name)
+
+    def photo_edit(self, pos, concepts="concept", key="edit"):
+        """SEGA Photo Edit of the inverted photo with `concepts` (LEDITS++'s combination, exact reconstruction)."""
+        self.node(key, "SEGAPhotoEdit", pos, {"combination": "ledits", "reconstruction": "exact"}, size=(340, 140))
+        self.link("ckpt", 0, key, "model")
+        self.link("invert", 0, key, "inversion")
+        self.link(concepts, 0, key, "concepts")
         return key
 
     def save(self, latent_src, pos, prefix, key="save"):
@@ -294,6 +317,53 @@ def workflows() -> list[G]:
         g.ksampler(f"sampler{i + 1}", (X[2], y), ("replay", 0), seed=seed)
         g.save(f"sampler{i + 1}", (X[3], y), f"sega/replayed_seed{seed}", key=f"save{i + 1}")
     out.append(g)
+
+    photo_try = (
+        "Load your own photo in Load Image (SD 1.5: about 512 px, sides multiples of 32). The inversion runs "
+        "once: change the concept, its edit_scale or threshold and queue again, and only SEGA Photo Edit "
+        "runs (ComfyUI's cache keeps the inversion). ")
+    g = G("10-photo-add-concept-sd15", (
+        "SEGA: add a concept to your own photo (LEDITS++, SD 1.5)\n\n"
+        "SEGA Invert Photo inverts the photo (30 steps, skip 0.15: LEDITS++'s defaults); SEGA Photo Edit replays "
+        "its noise with the concept 'sunglasses' added, so the rest of the photo stays. Without a concept (or at "
+        "edit_scale 0) it gives the photo back exactly. The image is ComfyUI's own input/example.png.\n\n"
+        "Try: " + photo_try + "edit_scale 5-10 (stronger), threshold 0.8 (a larger area) to 0.95 (a smaller "
+        "one); a source prompt describing the photo (SEGA Invert Photo's source input) can help a large "
+        "edit. Other concepts: 'a hat', 'smiling', 'a red dress'.\n\nCheckpoint: any SD 1.5 model."))
+    g.photo()
+    g.concept("concept", "sunglasses", (X[1], 480), edit_scale=7.0, warmup=0)
+    g.photo_edit((X[3], 0))
+    g.save("edit", (X[4], 0), "sega/photo-add")
+    out.append(g)
+
+    g = G("11-photo-remove-concept-sd15", (
+        "SEGA: remove a concept from your own photo (LEDITS++, SD 1.5)\n\n"
+        "The same inversion as 10-photo-add-concept-sd15, edited with the concept 'clouds' in direction remove: "
+        "the edit steers away from clouds where they are, and the rest of the photo stays. The image is "
+        "ComfyUI's own input/example.png.\n\n"
+        "Try: " + photo_try + "edit_scale 7-12 for a stubborn object; threshold 0.8 if parts of it remain. "
+        "To remove something only in one region, connect a mask to SEGA Concept's mask input. Other things "
+        "to remove: 'people', 'text', 'cars'.\n\nCheckpoint: any SD 1.5 model."))
+    g.photo()
+    g.concept("concept", "clouds", (X[1], 480), direction="remove", edit_scale=8.0, warmup=0)
+    g.photo_edit((X[3], 0))
+    g.save("edit", (X[4], 0), "sega/photo-remove")
+    out.append(g)
+
+    g = G("12-photo-edit-sdxl", (
+        "SEGA: edit your own photo with SDXL (LEDITS++)\n\n"
+        "SEGA Invert Photo with an SDXL model, 50 steps (the LEDITS++ SDXL default); it sets the noise maps of "
+        "the last 3 steps to zero, as LEDITS++ SDXL does, and the photo is still reconstructed exactly. SEGA "
+        "Photo Edit adds 'a red scarf'. The image is ComfyUI's own input/example.png.\n\n"
+        "Try: " + photo_try.replace("SD 1.5: about 512 px", "SDXL: about 1024 px") + "SDXL often needs a lower "
+        "edit_scale than SD 1.5 (3-6). LEDITS++ SDXL measures the concepts against an all-zero uncond: put "
+        "ConditioningZeroOut after the empty CLIP Text Encode to do the same.\n\nCheckpoint: SDXL base or a "
+        "fine-tune."))
+    g.photo(ckpt=SDXL, steps=50)
+    g.concept("concept", "a red scarf", (X[1], 480), edit_scale=5.0, warmup=0)
+    g.photo_edit((X[3], 0))
+    g.save("edit", (X[4], 0), "sega/photo-sdxl")
+    out.append(g)
     return out
 
 
@@ -326,7 +396,8 @@ BUILD_JS = """async (spec) => {
 }"""
 
 
-def main() -> None:
+def main(names=()) -> None:
+    """Builds every example, or only those named (e.g. 10-photo-add-concept-sd15)."""
     import conftest  # noqa: F401  (puts the ComfyUI host on sys.path)
     from harness.host import find_comfyui
     from comfy_browser import Server, launch_browser, open_page, prepare_base_dir
@@ -345,6 +416,8 @@ def main() -> None:
                 browser = launch_browser(p)
                 page = open_page(browser, server)
                 for g in workflows():
+                    if names and g.name not in names:
+                        continue
                     wf = page.evaluate(BUILD_JS, {"nodes": g.nodes, "links": g.links})
                     path = out_dir / f"{g.name}.json"
                     path.write_text(json.dumps(wf, indent=2) + "\n")
@@ -355,4 +428,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -28,7 +28,8 @@ WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
 STEPS = 3
 SIZE = 64
 SEGA_NODES = {"SEGAConcept", "SEGAConceptStack", "SEGAApply", "SEGAGuider", "SEGAKSampler", "SEGASaveEdit",
-              "SEGAReplayEdit"}
+              "SEGAReplayEdit", "SEGAInvertPhoto", "SEGAPhotoEdit"}
+PHOTO_EXAMPLES = ("10-photo-add-concept-sd15", "11-photo-remove-concept-sd15", "12-photo-edit-sdxl")
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +105,11 @@ def test_example_loads_converts_and_runs(page_and_console, comfy_server, artifac
     before = len(console)
     wf = json.loads(path.read_text())
     assert any(n["type"] == "Note" and n["widgets_values"][0].strip() for n in wf["nodes"]), "no Note"
-    if path.stem == "08-img2img":  # the image Load Image names, in ComfyUI's input folder
-        from PIL import Image
-        for n in wf["nodes"]:
-            if n["type"] == "LoadImage":
-                Image.new("RGB", (SIZE, SIZE), (120, 90, 60)).save(comfy_server.base / "input" / n["widgets_values"][0])
+    # the image Load Image names (ComfyUI's own input/example.png), small, in the server's input folder
+    from PIL import Image
+    for n in wf["nodes"]:
+        if n["type"] == "LoadImage":
+            Image.new("RGB", (SIZE, SIZE), (120, 90, 60)).save(comfy_server.base / "input" / n["widgets_values"][0])
     converted = load(page, wf)
     screenshot(page, artifacts_dir, path.stem)
     prompt = converted["output"]
@@ -140,6 +141,10 @@ def test_example_loads_converts_and_runs(page_and_console, comfy_server, artifac
     assert all(im.size[0] >= SIZE for im in images)
     if path.stem == "09b-replay-edit":
         assert len(images) == 4
+    if path.stem in PHOTO_EXAMPLES:  # Load Image -> VAE Encode -> SEGA Invert Photo -> SEGA Photo Edit -> Save
+        kinds = [n["class_type"] for n in prompt.values()]
+        assert kinds.count("SEGAInvertPhoto") == 1 and kinds.count("SEGAPhotoEdit") == 1, kinds
+        assert images[0].size == (SIZE, SIZE)  # the edit has the photo's size
     print(f"{path.stem}: ran in {time.monotonic() - t:.1f}s, {len(images)} images")
 
 
@@ -351,3 +356,45 @@ def test_readme_pictures(page_and_console, comfy_server, artifacts_dir):
         page.set_viewport_size({"width": 1600, "height": 1000})
         page.evaluate("() => app.extensionManager.setting.set('Comfy.Graph.CanvasInfo', true)")
     print(f"README pictures: {out}")
+
+
+def test_readme_photo_picture(page_and_console, comfy_server, artifacts_dir):
+    """The README's picture of a photo edit (docs/photo-edit-workflow.png), written to <artifacts>/readme/:
+    example 10 as a user opens it, its checkpoint installed and ComfyUI's own input/example.png in
+    Load Image's preview (the image the three photo examples name)."""
+    import shutil
+
+    from comfy_server import host_dir
+
+    page = page_and_console[0]
+    out = artifacts_dir / "readme"
+    out.mkdir(exist_ok=True)
+    wf = json.loads((WORKFLOWS_DIR / "10-photo-add-concept-sd15.json").read_text())
+    image = next(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadImage")
+    shipped = host_dir() / "input" / image
+    if not shipped.is_file():
+        pytest.skip(f"this ComfyUI has no input/{image}")
+    shutil.copyfile(shipped, comfy_server.base / "input" / image)
+    ckpt_name = next(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    installed = comfy_server.base / "models" / "checkpoints" / ckpt_name
+    if not installed.exists():
+        installed.symlink_to(comfy_server.base / "models" / "checkpoints" / comfy_server.ckpt_name)
+    page.set_viewport_size({"width": 1440, "height": 760})
+    try:
+        page.evaluate("""async () => { await app.refreshComboInNodes();
+            await app.extensionManager.setting.set('Comfy.Graph.CanvasInfo', false); }""")
+        load(page, wf)
+        page.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+        # Load Image shows the photo once its preview has loaded
+        page.wait_for_function("""() => { const n = app.graph.nodes.find(n => n.type === 'LoadImage');
+            return n && n.imgs && n.imgs.length && n.imgs[0].complete && n.imgs[0].naturalWidth > 0; }""",
+                               timeout=30000)
+        page.wait_for_timeout(1500)  # a missing-model warning would have come by now
+        page.evaluate("() => { app.canvas.setDirty(true, true); app.canvas.draw(true, true); }")
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        assert page.evaluate("() => document.querySelectorAll('.p-toast-message').length") == 0
+        page.screenshot(path=str(out / "photo-edit-workflow.png"))
+    finally:
+        page.set_viewport_size({"width": 1600, "height": 1000})
+        page.evaluate("() => app.extensionManager.setting.set('Comfy.Graph.CanvasInfo', true)")
+    print(f"README picture: {out / 'photo-edit-workflow.png'}")
