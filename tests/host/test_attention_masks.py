@@ -331,3 +331,31 @@ def test_works_with_pag_and_another_attn2_patch(pag_model):
     assert (everything - run(throwaway=ThrowawayAttn2(), with_pag=False)[0]).abs().max() > 1e-3  # PAG acts
     assert (everything - run(throwaway=None)[0]).abs().max() > 1e-3  # the throwaway patch acts
     assert (everything - run(sega=False, throwaway=ThrowawayAttn2())[0]).abs().max() > 1e-3  # SEGA acts
+
+
+def test_a_model_without_the_layers_is_a_clear_error():
+    """A UNet with no cross-attention at a quarter of the latent (here: one level, at full size) has no
+    map to give: a SEGAError names the concept and mask_from, instead of a silent implicit mask."""
+    from sega_testlib import tiny_sd15_model
+
+    model = tiny_sd15_model()
+    errors = pack_module("nodes.errors")
+    m = apply(model, [("c1", {"mask_from": "attention"})])
+    with pytest.raises(errors.SEGAError, match=r"SEGA Concept 'c1'.*mask_from 'attention'.*quarter"):
+        sample(m, POS, NEG, steps=2, size=16)
+
+
+def test_intersect_rule_follows_the_family(shared):
+    """diffusers' LEDITS++ on SD intersects only at timesteps t <= 800 (the attention mask alone above);
+    its SDXL pipeline intersects at every step."""
+    from sega_testlib import tiny_sdxl_model
+
+    am = pack_module("nodes.attention_masks")
+    sd = shared.comfy
+    ms = sd.get_model_object("model_sampling")
+    capture = am.AttentionCapture(sd.model.diffusion_model, sd.model)
+    sigma = {t: float(ms.sigma(torch.tensor(float(t)))) for t in (799, 800, 801, 900)}
+    assert [am.intersect_now(capture, sd, sigma[t]) for t in (799, 800, 801, 900)] == [True, True, False, False]
+    xl = tiny_sdxl_model()
+    xl_capture = am.AttentionCapture(xl.model.diffusion_model, xl.model)
+    assert xl_capture.always_intersect and am.intersect_now(xl_capture, xl, sigma[900])
