@@ -50,6 +50,18 @@ def concept_settings_inputs() -> list:
     ]
 
 
+def mask_from_input() -> io.Combo.Input:
+    """SEGA Concept's and SEGA Concept (text)'s mask_from input (optional, before window_unit)."""
+    return io.Combo.Input(
+        "mask_from", options=list(MASK_FROM), default="implicit", optional=True,
+        tooltip="Where the concept acts. implicit (default): where its own edit is strongest "
+                "(the threshold above). attention: where the image attends to the concept's text "
+                "(LEDITS++'s cross-attention mask, the top 1 - threshold of it; UNet models SD 1.x, "
+                "2.x, SDXL). intersect: both at once, LEDITS++'s default (on SD 1.x/2.x only below "
+                "timestep 800, attention alone before). attention and intersect compute the "
+                "concept's attention map at a few layers: a little slower.")
+
+
 def window_unit_input() -> io.Combo.Input:
     """The last optional input of SEGA Concept and SEGA Concept (text)."""
     return io.Combo.Input(
@@ -119,14 +131,7 @@ class SEGAConcept(io.ComfyNode):
                             "(a feathered or blurred mask) fade the edit. Resized to the latent. The concept's "
                             "threshold is still taken over the whole image, so a small mask keeps little: "
                             "lower the threshold (e.g. 0.5) to edit more inside it. Empty: the whole image."),
-                io.Combo.Input(
-                    "mask_from", options=list(MASK_FROM), default="implicit", optional=True,
-                    tooltip="Where the concept acts. implicit (default): where its own edit is strongest "
-                            "(the threshold above). attention: where the image attends to the concept's text "
-                            "(LEDITS++'s cross-attention mask, the top 1 - threshold of it; UNet models SD 1.x, "
-                            "2.x, SDXL). intersect: both at once, LEDITS++'s default (on SD 1.x/2.x only below "
-                            "timestep 800, attention alone before). attention and intersect compute the "
-                            "concept's attention map at a few layers: a little slower."),
+                mask_from_input(),
                 window_unit_input(),
             ],
             outputs=[Concepts.Output(display_name="concepts", tooltip="This concept, after any chained ones.")],

@@ -6,7 +6,8 @@ from comfy_api.latest import io
 
 from ..sega_core import Concept, SEGAValueError
 from ..sega_core.prompt_syntax import TypedConcept, parse_prompt
-from .concept_nodes import Concepts, _chain, concept_settings_inputs, make_concept, window_unit_input
+from .concept_nodes import (Concepts, _chain, concept_settings_inputs, make_concept, mask_from_input,
+                            window_unit_input)
 from .concept_spec import ConceptSpec
 from .errors import SEGAError
 from .schema import CATEGORY, schema
@@ -117,6 +118,7 @@ class SEGAConceptText(io.ComfyNode):
                     "mask", optional=True,
                     tooltip="Where this concept may edit (optional), as SEGA Concept's mask: 1 inside, 0 "
                             "outside, soft values fade the edit. Empty: the whole image."),
+                mask_from_input(),
                 window_unit_input(),
             ],
             outputs=[Concepts.Output(display_name="concepts", tooltip="This concept, after any chained ones.")],
@@ -135,14 +137,14 @@ class SEGAConceptText(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, text, edit_scale, direction, threshold, warmup, cooldown, weight, label="",
-                concepts=None, mask=None, window_unit="steps") -> io.NodeOutput:
+                concepts=None, mask=None, mask_from="implicit", window_unit="steps") -> io.NodeOutput:
         if clip is None:
             raise SEGAError("SEGA Concept (text): the clip input is empty; connect the CLIP output of Load "
                             "Checkpoint.")
         if not isinstance(text, str) or not text.strip():
             raise SEGAError("SEGA Concept (text): the text is empty; type the concept (e.g. 'glasses').")
         concept = make_concept("SEGA Concept (text)", edit_scale, direction, threshold, warmup, cooldown, weight,
-                               window_unit=window_unit)
+                               mask_from, window_unit)
         return io.NodeOutput(_chain(concepts) + [ConceptSpec(
             conditioning=encode(clip, text), concept=concept, label=str(label or "").strip() or text.strip(),
             mask=mask)])

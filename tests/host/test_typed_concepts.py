@@ -164,6 +164,37 @@ def test_syntax_errors_are_refused_before_running(ckpt):
         run_prompt(g)
 
 
+def test_sega_concept_text_has_sega_concepts_settings(registry_inputs):
+    """SEGA Concept (text) is SEGA Concept with clip and text in place of conditioning: the same
+    settings, in the same order, with the same definitions (one function gives both)."""
+    concept, text = registry_inputs("SEGAConcept"), registry_inputs("SEGAConceptText")
+    assert list(text)[:2] == ["clip", "text"] and list(concept)[0] == "conditioning"
+    assert list(text)[2:] == list(concept)[1:]
+    shared = ["edit_scale", "direction", "threshold", "warmup", "cooldown", "weight", "mask_from", "window_unit"]
+    assert all(text[name] == concept[name] for name in shared)
+
+
+def test_sega_concept_text_passes_every_setting(clip):
+    cls = pack_module("nodes.prompt_nodes").SEGAConceptText
+    spec = node_output(cls.execute(clip=clip, text="glasses", **concept_node(
+        None, edit_scale=3.0, direction="remove", threshold=0.7, warmup=20, cooldown=90, weight=0.5,
+        window_unit="percent")["inputs"], mask_from="intersect"))[0]
+    c = spec.concept
+    assert (c.scale, c.reverse, c.threshold, c.warmup, c.cooldown, c.weight, c.mask_from, c.window_unit) == (
+        3.0, True, 0.7, 0.2, 0.9, 0.5, "intersect", "fraction")
+    assert spec.label == "glasses"
+
+
+@pytest.fixture(scope="module")
+def registry_inputs(comfy_nodes):
+    import nodes
+
+    def inputs(node_id):
+        spec = nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
+        return {name: value for section in ("required", "optional") for name, value in spec.get(section, {}).items()}
+    return inputs
+
+
 def test_sega_concept_text_needs_text(clip):
     errors = pack_module("nodes.errors")
     cls = pack_module("nodes.prompt_nodes").SEGAConceptText

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from comfy_host import load_pack
 from harness.pack import concept_node
@@ -171,3 +172,28 @@ def test_sdxl_encoding_equals_clip_text_encode(loader):
         assert set(got[0][1]) == set(want[0][1])
     other = nodes.CLIPTextEncode().encode(clip, "sunglasses")[0]
     assert not torch.equal(other[0][0], want[0][0])
+
+
+SYNTAX = st.text(alphabet=st.sampled_from(list("ab :+-;@=#\\.\n0123456789()thrw,")), max_size=60)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=SYNTAX)
+def test_sega_prompt_node_parses_or_raises_the_packs_error(loader, text):
+    """Any text: SEGA Prompt's check before running accepts it and the node runs, or the check gives
+    a message and the node raises the pack's SEGAError with the same message; never another error."""
+    errors = pack_module("nodes.errors")
+    spec_cls = pack_module("nodes.concept_spec").ConceptSpec
+    cls = pack_module("nodes.prompt_nodes").SEGAPrompt
+    _, clip = loader().load()
+    said = cls.validate_inputs(text=text)
+    if said is True:
+        out = cls.execute(clip=clip, text=text)
+        positive, concepts = out.result if getattr(out, "result", None) else out.args
+        assert positive[0][0].shape[-1] == 32
+        assert all(isinstance(c, spec_cls) and c.conditioning[0][0].shape[-1] == 32 for c in concepts)
+    else:
+        assert isinstance(said, str) and said.startswith("SEGA Prompt")
+        with pytest.raises(errors.SEGAError) as refused:
+            cls.execute(clip=clip, text=text)
+        assert str(refused.value) == said
