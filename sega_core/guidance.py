@@ -292,7 +292,8 @@ def _attention_masks(d: torch.Tensor, rows: Sequence[int], plan, attn_masks, bot
             continue
         m1 = None if attn_masks is None else attn_masks[c]
         if m1 is None:
-            raise SEGAValueError(f"concept #{c + 1}: mask_from {modes[k]!r} needs its attention mask, and none was given.")
+            raise SEGAValueError(
+                f"concept #{c + 1}: mask_from {modes[k]!r} needs its attention mask, and none was given.")
         m1 = m1.to(device=d.device, dtype=torch.bool)
         d[k].mul_(m1)
         if kept is not None:
