@@ -66,7 +66,7 @@ def concepts_of(conds: dict, settings: list):
     return out
 
 
-def pack_edit(model, conds, x0, settings):
+def pack_edit(model, conds, x0, settings, combination="ledits"):
     """SEGA Invert Photo + SEGA Photo Edit (LEDITS++ combination, diffusers' reconstruction): the
     edited latent (diffusers' scaling) and the PhotoGuider (its MaskWatch holds the masks used)."""
     from harness import ledits_shared as ref
@@ -75,7 +75,7 @@ def pack_edit(model, conds, x0, settings):
         model=model, latent={"samples": x0 / ref.SCALING_FACTOR}, uncond=conds[""], steps=STEPS, skip=SKIP,
         seed=SEED, source=None, source_guidance=3.5))
     guiders = []
-    out = pack_module("nodes.photo_edit").photo_edit(model, inv, concepts_of(conds, settings), "ledits", "as diffusers",
+    out = pack_module("nodes.photo_edit").photo_edit(model, inv, concepts_of(conds, settings), combination, "as diffusers",
                                                      guider_out=guiders)
     return out["samples"] * ref.SCALING_FACTOR, guiders[0]
 
@@ -359,3 +359,19 @@ def test_intersect_rule_follows_the_family(shared):
     xl = tiny_sdxl_model()
     xl_capture = am.AttentionCapture(xl.model.diffusion_model, xl.model)
     assert xl_capture.always_intersect and am.intersect_now(xl_capture, xl, sigma[900])
+
+
+def test_photo_edit_with_sega_combination(shared, embeddings):
+    """SEGA Photo Edit's SEGA combination with mask_from attention: each step's mask is the attention
+    mask, the same in every channel (binary per step), and the edit differs from the implicit one."""
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(1, 4, 16, 16, generator=gen)
+    conds = {t: [[e.unsqueeze(0), {}]] for t, e in embeddings.items()}
+    settings = [("glasses", {"mask_from": "attention", "threshold": 0.75})]
+    ours, guider = pack_edit(shared.comfy, conds, x0, settings, "sega")
+    mean = guider.watch.sums[0] / guider.watch.counts[0]
+    n = guider.watch.counts[0]
+    assert n == STEPS and torch.allclose(mean * n, (mean * n).round(), atol=1e-5)
+    assert 0.15 <= float(mean.mean()) <= 0.4
+    plain, _ = pack_edit(shared.comfy, conds, x0, [("glasses", {"threshold": 0.75})], "sega")
+    assert torch.isfinite(ours).all() and (plain - ours).abs().max() > 1e-3
