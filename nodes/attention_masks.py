@@ -38,15 +38,18 @@ class AttentionCapture:
         self._sums: Dict[int, torch.Tensor] = {}  # concept -> (B, h*w) sum over layers and heads
         self._heads: Dict[int, int] = {}  # concept -> layers x heads summed
         self._hw = None  # (h, w) of the map
+        self._latent = None  # (H, W) of the evaluation's latent: rows of another size (an area's crop) are left out
         self.layers_seen = 0  # layers captured in the last evaluation (for tests)
 
     @property
     def waiting(self) -> bool:
         return bool(self._index)
 
-    def begin(self, index_to_concept: Dict[int, int]) -> None:
-        """Capture, during the next model evaluation, the rows of these cond indices."""
+    def begin(self, index_to_concept: Dict[int, int], latent_size=None) -> None:
+        """Capture, during the next model evaluation, the rows of these cond indices (of a latent of
+        `latent_size` (H, W), when given: batches of another size, an area's crop, are left out)."""
         self._index = dict(index_to_concept)
+        self._latent = None if latent_size is None else tuple(int(v) for v in latent_size)
         self._sums, self._heads, self._hw = {}, {}, None
         self.layers_seen = 0
 
@@ -76,6 +79,8 @@ class AttentionCapture:
         cond_or_uncond = extra_options.get("cond_or_uncond") or []
         shape = extra_options.get("original_shape")
         if not cond_or_uncond or shape is None or len(shape) != 4:
+            return
+        if self._latent is not None and tuple(shape[-2:]) != self._latent:
             return
         hw = (int(shape[-2] / 4), int(shape[-1] / 4))  # diffusers: (int(h / 4), int(w / 4))
         if n.shape[1] != hw[0] * hw[1] or not any(i in self._index for i in cond_or_uncond):

@@ -217,7 +217,7 @@ class _Patch(RunScaffold):
         # concept k of `rows` is cond index 2 + k in this evaluation
         attn = {2 + k: c for k, c in enumerate(rows) if c in self.plan.attention} if run.capture else None
         if attn:
-            run.capture.begin(attn)
+            run.capture.begin(attn, x_in.shape[-2:])
         out = executor(model, list(conds) + extra, x_in, timestep, model_options)
         maps = run.capture.end() if attn else None
         covered = [run.coverage(c, x_in, timestep) for c in rows]

@@ -135,7 +135,7 @@ class PhotoGuider(comfy.samplers.CFGGuider):
             if self.capture is None or model_options.get("transformer_options", {}).get(
                     attention_masks.ATTN_KEY) is not self.capture:
                 self.capture = attention_masks.start_capture(model_options, self.model_patcher)
-            self.capture.begin(attn)
+            self.capture.begin(attn, x.shape[-2:])
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
         maps = self.capture.end() if attn else None
         self.rows_per_step.append(len(conds) * x.shape[0])

@@ -375,3 +375,15 @@ def test_photo_edit_with_sega_combination(shared, embeddings):
     assert 0.15 <= float(mean.mean()) <= 0.4
     plain, _ = pack_edit(shared.comfy, conds, x0, [("glasses", {"threshold": 0.75})], "sega")
     assert torch.isfinite(ours).all() and (plain - ours).abs().max() > 1e-3
+
+
+def test_a_concept_with_an_area_is_a_clear_error(pag_model):
+    """A concept conditioning with an area (ConditioningSetArea) is evaluated on a crop of the latent,
+    whose attention map is not the latent's: the capture leaves it out and the run stops with a
+    SEGAError naming the concept, instead of a mask at the wrong place."""
+    errors = pack_module("nodes.errors")
+    area = [[C1[0][0], {"area": (8, 16, 0, 0), "strength": 1.0, "set_area_to_bounds": False}]]
+    concepts = concepts_of({"c1": area}, [("c1", {"mask_from": "intersect"})])
+    m = pack_module("nodes.patch").apply_sega(pag_model, concepts, 0.0, 0.4)
+    with pytest.raises(errors.SEGAError, match=r"SEGA Concept 'c1'.*area"):
+        sample(m, POS, NEG, steps=2, size=16)
