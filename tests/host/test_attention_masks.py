@@ -149,6 +149,10 @@ def test_equal_to_diffusers_ledits(shared, embeddings, mode):
 
 @pytest.fixture(scope="module")
 def pag_model():
+    return build_pag_model()
+
+
+def build_pag_model():
     """The three-level tiny SD1.5 with a middle-block transformer too (where PAG acts)."""
     import comfy.supported_models
 
@@ -290,15 +294,16 @@ def test_the_mask_lands_where_the_concept_tokens_are_attended(shared):
     assert capture.end() == {}
 
 
-class ThrowawayAttn2:
-    """Another pack's attn2 patch: scales the cross-attention context, counts its calls."""
+def throwaway_attn2(calls: list):
+    """Another pack's attn2 patch: scales the cross-attention context and counts its calls in `calls`
+    (a function, so that ComfyUI versions that deep-copy model options while cloning keep calling
+    this one)."""
 
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, n, context, value, extra_options):
-        self.calls += 1
+    def patch(n, context, value, extra_options):
+        calls.append(1)
         return n, context * 1.5, value * 1.5
+
+    return patch
 
 
 def test_works_with_pag_and_another_attn2_patch(pag_model):
@@ -323,14 +328,14 @@ def test_works_with_pag_and_another_attn2_patch(pag_model):
             m = pack_module("nodes.patch").apply_sega(m, concepts_of({"c1": C1}, settings), 0.0, 0.4, log_to=log)
         return sample(m, POS, NEG, steps=3, size=16), log
 
-    other = ThrowawayAttn2()
-    everything, log = run(throwaway=other)
-    assert other.calls > 0
+    calls = []
+    everything, log = run(throwaway=throwaway_attn2(calls))
+    assert calls
     watch = log.watches[0]
     assert watch.counts[0] == 3 and 0 < float((watch.sums[0] / 3).mean()) < 0.5  # SEGA's masks were made
-    assert (everything - run(throwaway=ThrowawayAttn2(), with_pag=False)[0]).abs().max() > 1e-3  # PAG acts
+    assert (everything - run(throwaway=throwaway_attn2([]), with_pag=False)[0]).abs().max() > 1e-3  # PAG acts
     assert (everything - run(throwaway=None)[0]).abs().max() > 1e-3  # the throwaway patch acts
-    assert (everything - run(sega=False, throwaway=ThrowawayAttn2())[0]).abs().max() > 1e-3  # SEGA acts
+    assert (everything - run(sega=False, throwaway=throwaway_attn2([]))[0]).abs().max() > 1e-3  # SEGA acts
 
 
 def test_a_model_without_the_layers_is_a_clear_error():
