@@ -392,3 +392,52 @@ def test_a_concept_with_an_area_is_a_clear_error(pag_model):
     m = pack_module("nodes.patch").apply_sega(pag_model, concepts, 0.0, 0.4)
     with pytest.raises(errors.SEGAError, match=r"SEGA Concept 'c1'.*area"):
         sample(m, POS, NEG, steps=2, size=16)
+
+
+SCALE_START, SCALE_TOKENS = 60.0, 8.0  # large enough for tiny random weights to attend unevenly
+THREE_LEVELS = {"num_res_blocks": [1, 1, 1], "channel_mult": [1, 1, 1], "transformer_depth": [0, 0, 2],
+                "transformer_depth_output": [0, 0, 0, 0, 2, 2]}
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2_v"])
+def test_sdxl_and_sd2_sample_with_attention_masks(family):
+    """SDXL (pooled y, several transformer blocks per layer) and SD 2.x (v-prediction, linear
+    projections) sample with mask_from attention and intersect: every step's mask is the same in every
+    channel for attention, and both differ from implicit."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    from families import FAMILIES, _built, _unet
+
+    if family == "sdxl":
+        cfg = _unet(comfy.supported_models.SDXL, 32, model_channels=64, num_classes="sequential",
+                    adm_in_channels=2816, **THREE_LEVELS)
+        model = _built(comfy.supported_models.SDXL(cfg).get_model({}), 0, 0.03)
+    else:
+        config = comfy.supported_models.SD20(_unet(comfy.supported_models.SD20, 32, model_channels=64,
+                                                   use_linear_in_transformer=True, **THREE_LEVELS))
+        model = _built(comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION), 0, 0.05)
+    fam = FAMILIES[family]
+    start = torch.randn(32, generator=torch.Generator().manual_seed(0))
+
+    def text(seed):  # CLIP-shaped (a large start token shared by all prompts), 32 wide, SDXL's pooled output kept
+        c = fam.cond(seed)
+        e = clip_like(torch.Generator().manual_seed(seed), width=32, start=SCALE_START * start) * SCALE_TOKENS
+        e[0] = SCALE_START * start
+        return [[e.unsqueeze(0), dict(c[0][1])]]
+
+    pos, neg, c1 = text(1), text(2), text(3)
+    patch = pack_module("nodes.patch")
+    masks, images = {}, {}
+    for mode in ("implicit", "attention", "intersect"):
+        log = patch.RunLog()
+        m = patch.apply_sega(model, concepts_of({"c1": c1}, [("c1", {"mask_from": mode, "threshold": 0.75})]),
+                             0.0, 0.4, log_to=log)
+        images[mode] = sample(m, pos, neg, steps=3, size=16, cfg=fam.cfg)
+        masks[mode] = log.watches[0].sums[0] / log.watches[0].counts[0]
+        assert torch.isfinite(images[mode]).all()
+    att = masks["attention"]
+    assert torch.allclose(att * 3, (att * 3).round(), atol=1e-5) and 0.15 <= float(att.mean()) <= 0.35
+    for mode in ("attention", "intersect"):
+        assert (images[mode] - images["implicit"]).abs().max() > 1e-4
+    assert float(masks["intersect"].mean()) < float(att.mean())  # the threshold's entries inside the map
