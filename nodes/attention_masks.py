@@ -33,7 +33,8 @@ class AttentionCapture:
 
     def __init__(self, diffusion_model: torch.nn.Module, model=None):
         self.diffusion_model = diffusion_model
-        self.always_intersect = _is_sdxl(model)  # diffusers' SDXL pipeline intersects at every step
+        # diffusers' SDXL pipeline intersects at every step; Flux has no reference: at every step too
+        self.always_intersect = _is_sdxl(model) or _is_flux(diffusion_model)
         self._index: Dict[int, int] = {}  # cond index in the evaluation -> plan concept
         self._sums: Dict[int, torch.Tensor] = {}  # concept -> (B, h*w) sum over layers and heads
         self._heads: Dict[int, int] = {}  # concept -> layers x heads summed
@@ -104,6 +105,42 @@ class AttentionCapture:
         self.layers_seen += 1
 
 
+    def joint(self, q: torch.Tensor, k: torch.Tensor, pe, extra_options: dict) -> None:
+        """Flux's double blocks (joint attention; q, k: (rows, heads, text + image tokens, d) before
+        RoPE): the image tokens' attention to the text tokens, with RoPE applied as the block's own
+        attention applies it, summed over every text position (T5 has no start token) and the heads."""
+        cond_or_uncond = extra_options.get("cond_or_uncond") or []
+        if extra_options.get("block_type") != "double" or not cond_or_uncond or self._latent is None:
+            return
+        if not any(i in self._index for i in cond_or_uncond):
+            return
+        patch = getattr(self.diffusion_model, "patch_size", 2)
+        hw = ((self._latent[0] + patch - 1) // patch, (self._latent[1] + patch - 1) // patch)
+        txt = int(extra_options["img_slice"][0])
+        if q.shape[2] < txt + hw[0] * hw[1] or txt < 1:
+            return
+        from comfy.ldm.flux.math import apply_rope
+
+        heads = q.shape[1]
+        b = q.shape[0] // len(cond_or_uncond)
+        positions = torch.arange(txt)
+        with torch.no_grad():
+            for chunk, index in enumerate(cond_or_uncond):
+                c = self._index.get(index)
+                if c is None:
+                    continue
+                rows = slice(chunk * b, (chunk + 1) * b)
+                qr, kr = q[rows], k[rows]
+                if pe is not None:
+                    qr, kr = apply_rope(qr, kr, pe[rows] if pe.shape[0] == q.shape[0] else pe)
+                qi = qr[:, :, txt:txt + hw[0] * hw[1]]
+                s = token_attention(qi.transpose(1, 2).flatten(2), kr.transpose(1, 2).flatten(2), heads, positions)
+                self._sums[c] = s if c not in self._sums else self._sums[c] + s
+                self._heads[c] = self._heads.get(c, 0) + heads
+        self._hw = hw
+        self.layers_seen += 1
+
+
 def attention_patch(n, context, value, extra_options):
     """The attn2_patch: hands the concept rows to the run's AttentionCapture, returns its inputs unchanged."""
     capture = extra_options.get(ATTN_KEY)
@@ -112,11 +149,23 @@ def attention_patch(n, context, value, extra_options):
     return n, context, value
 
 
+def joint_attention_patch(q, k, v, pe=None, attn_mask=None, extra_options=None):
+    """Flux's attn1_patch (double and single blocks call it with q, k, v before RoPE): hands the concept
+    rows of the double blocks to the run's AttentionCapture; changes nothing."""
+    capture = (extra_options or {}).get(ATTN_KEY)
+    if capture is not None and capture.waiting:
+        capture.joint(q, k, pe, extra_options)
+    return {}
+
+
 def install(model) -> None:
-    """Put the attn2_patch on a (cloned) ModelPatcher, once."""
-    patches = model.model_options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", [])
-    if attention_patch not in patches:
-        model.set_model_attn2_patch(attention_patch)
+    """Put the capture's patch on a (cloned) ModelPatcher, once: attn2_patch on UNets, Flux's
+    attn1_patch on Flux."""
+    name, patch = (("attn1_patch", joint_attention_patch) if _is_flux(model.model.diffusion_model)
+                   else ("attn2_patch", attention_patch))
+    patches = model.model_options.get("transformer_options", {}).get("patches", {}).get(name, [])
+    if patch not in patches:
+        model.set_model_patch(patch, name)
 
 
 def start_capture(model_options: dict, model_patcher) -> AttentionCapture:
@@ -136,7 +185,8 @@ def masks_for(maps: Dict[int, torch.Tensor], needed, plan, x: torch.Tensor, wher
             raise SEGAError(
                 f"{where(c)}: mask_from '{plan.mask_from[c]}' needs the concept's cross-attention map, but the "
                 f"model has no cross-attention layer at a quarter of the latent's size (UNet models: SD 1.x, "
-                f"SD 2.x, SDXL, with a latent of at least 8x8), or the concept's conditioning has an area. "
+                f"SD 2.x, SDXL, with a latent of at least 8x8; Flux on a ComfyUI whose Flux blocks call attn1_patch, "
+                f"as v0.33.0 does), or the concept's conditioning has an area. "
                 f"Use mask_from 'implicit' for this model.")
         out[c] = attention_mask(m, plan.threshold[c], x.shape[-2:]).to(x.device)
     return out
@@ -149,6 +199,14 @@ def intersect_now(capture: AttentionCapture, model_patcher, sigma: float) -> boo
         return True
     t = model_patcher.get_model_object("model_sampling").timestep(torch.tensor([float(sigma)]))
     return intersects(round(float(t[0])), False)
+
+
+def _is_flux(diffusion_model) -> bool:
+    try:
+        import comfy.ldm.flux.model
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(diffusion_model, comfy.ldm.flux.model.Flux)
 
 
 def _is_sdxl(model) -> bool:

@@ -75,8 +75,8 @@ def pack_edit(model, conds, x0, settings, combination="ledits"):
         model=model, latent={"samples": x0 / ref.SCALING_FACTOR}, uncond=conds[""], steps=STEPS, skip=SKIP,
         seed=SEED, source=None, source_guidance=3.5))
     guiders = []
-    out = pack_module("nodes.photo_edit").photo_edit(model, inv, concepts_of(conds, settings), combination, "as diffusers",
-                                                     guider_out=guiders)
+    out = pack_module("nodes.photo_edit").photo_edit(model, inv, concepts_of(conds, settings), combination,
+                                                     "as diffusers", guider_out=guiders)
     return out["samples"] * ref.SCALING_FACTOR, guiders[0]
 
 
@@ -441,3 +441,102 @@ def test_sdxl_and_sd2_sample_with_attention_masks(family):
     for mode in ("attention", "intersect"):
         assert (images[mode] - images["implicit"]).abs().max() > 1e-4
     assert float(masks["intersect"].mean()) < float(att.mean())  # the threshold's entries inside the map
+
+
+# -- Flux: the image tokens' attention to the text tokens in the double blocks' joint attention ----
+
+def flux_blocks_call_attn1_patch() -> bool:
+    import inspect
+
+    import comfy.ldm.flux.layers
+
+    return "attn1_patch" in inspect.getsource(comfy.ldm.flux.layers.DoubleStreamBlock.forward)
+
+
+needs_flux_hook = pytest.mark.skipif(not flux_blocks_call_attn1_patch(),
+                                     reason="this ComfyUI's Flux blocks have no attn1_patch hook (v0.8.0)")
+
+
+def test_flux_without_the_hook_is_a_clear_error():
+    """On a ComfyUI whose Flux blocks call no attn1_patch, mask_from attention stops with a SEGAError
+    naming the concept (on a newer one the mask is made: the tests below)."""
+    from families import FAMILIES
+
+    if flux_blocks_call_attn1_patch():
+        pytest.skip("this ComfyUI's Flux blocks call attn1_patch")
+    fam = FAMILIES["flux"]
+    m = pack_module("nodes.patch").apply_sega(fam.build(), concepts_of({"c1": fam.cond(3)}, [
+        ("c1", {"mask_from": "attention"})]), 0.0, 0.4)
+    with pytest.raises(pack_module("nodes.errors").SEGAError, match=r"SEGA Concept 'c1'.*attn1_patch"):
+        sample(m, fam.cond(1), fam.cond(2), steps=2, size=8, cfg=fam.cfg, latent=torch.zeros(1, *fam.latent))
+
+
+@needs_flux_hook
+def test_flux_samples_with_attention_masks():
+    """Flux (joint attention; no reference to compare with): mask_from attention gives a finite image
+    and a mask of the latent's size, the same in every channel, keeping about 1 - threshold; intersect
+    keeps less; both change the image."""
+    from families import FAMILIES
+
+    fam = FAMILIES["flux"]
+    model = fam.build()
+    am = pack_module("nodes.attention_masks")
+    assert am._is_flux(model.model.diffusion_model)
+    pos, neg, c1 = fam.cond(1), fam.cond(2), fam.cond(3)
+    c1 = [[c1[0][0] * 8.0, dict(c1[0][1])]]  # tiny random weights: a larger text gives uneven attention
+    patch = pack_module("nodes.patch")
+    masks, images = {}, {}
+    for mode in ("implicit", "attention", "intersect"):
+        log = patch.RunLog()
+        m = patch.apply_sega(model, concepts_of({"c1": c1}, [("c1", {"mask_from": mode, "threshold": 0.75})]),
+                             0.0, 0.4, log_to=log)
+        if mode != "implicit":
+            assert am.joint_attention_patch in m.model_options["transformer_options"]["patches"]["attn1_patch"]
+        images[mode] = sample(m, pos, neg, steps=3, size=8, cfg=fam.cfg, latent=torch.zeros(1, *fam.latent))
+        masks[mode] = log.watches[0].sums[0] / log.watches[0].counts[0]
+        assert torch.isfinite(images[mode]).all()
+    att = masks["attention"]
+    assert att.shape[-2:] == fam.latent[-2:]
+    assert torch.allclose(att * 3, (att * 3).round(), atol=1e-5) and 0.15 <= float(att.mean()) <= 0.4
+    assert float(masks["intersect"].mean()) < float(att.mean())
+    for mode in ("attention", "intersect"):
+        assert (images[mode] - images["implicit"]).abs().max() > 1e-4
+
+
+@needs_flux_hook
+def test_flux_mask_lands_where_the_text_is_attended():
+    """A constructed joint-attention case (no RoPE): the concept row's image tokens in the top-left
+    quarter have queries matching the text tokens' keys, the rest match the image tokens' keys; the
+    other rows the opposite. The capture takes only the concept row, and its mask is that quarter."""
+    am = pack_module("nodes.attention_masks")
+    from sega_core.attention import attention_mask
+
+    from families import FAMILIES
+
+    model = FAMILIES["flux"].build()
+    capture = am.AttentionCapture(model.model.diffusion_model, model.model)
+    heads, d, txt, side = 2, 8, 5, 4  # a 8x8 latent: 4x4 image tokens (patch 2)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    a, b = a / a.norm(), b - (b @ a) * a / 1.0
+    b = b / b.norm()
+    k = torch.zeros(2, heads, txt + side * side, d)
+    k[:, :, :txt] = 8.0 * a  # text keys
+    k[:, :, txt:] = 8.0 * b  # image keys
+    grid = torch.zeros(side, side, dtype=torch.bool)
+    grid[:2, :2] = True
+    q = torch.zeros(2, heads, txt + side * side, d)
+    q[1, :, txt:][:, grid.flatten()] = 8.0 * a  # concept row (index 1): the quarter looks at the text
+    q[1, :, txt:][:, ~grid.flatten()] = 8.0 * b
+    q[0, :, txt:][:, grid.flatten()] = 8.0 * b  # the other row: the opposite
+    q[0, :, txt:][:, ~grid.flatten()] = 8.0 * a
+    opts = {"block_type": "double", "cond_or_uncond": [0, 2], "img_slice": [txt, txt + side * side],
+            am.ATTN_KEY: capture}
+    capture.begin({2: 0}, (8, 8))
+    assert am.joint_attention_patch(q, k, k, pe=None, extra_options=opts) == {}
+    am.joint_attention_patch(q, k, k, pe=None, extra_options=dict(opts, block_type="single"))  # not taken
+    maps = capture.end()
+    assert capture.layers_seen == 1 and maps[0].shape == (1, side, side)
+    assert maps[0][0][grid].min() > 0.9 > 0.1 > maps[0][0][~grid].max()
+    mask = attention_mask(maps[0], 0.75, (8, 8))[0, 0]
+    assert torch.equal(mask, grid.repeat_interleave(2, 0).repeat_interleave(2, 1))
