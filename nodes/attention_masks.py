@@ -158,6 +158,20 @@ def joint_attention_patch(q, k, v, pe=None, attn_mask=None, extra_options=None):
     return {}
 
 
+def check_model(model, plan, where) -> None:
+    """A SEGAError naming the first concept that needs an attention map when `model` cannot give one:
+    only SD-style UNets (SD 1.x, 2.x, SDXL) and Flux can. Other models call their attention patch
+    hooks with other arguments (Wan's attn2_patch takes one dict), so the patch is never put on them."""
+    dm = model.model.diffusion_model
+    if not plan.attention or _is_unet(dm) or _is_flux(dm):
+        return
+    c = plan.attention[0]
+    raise SEGAError(
+        f"{where(c)}: mask_from '{plan.mask_from[c]}' needs the concept's cross-attention map, which this model "
+        f"({type(dm).__name__}) does not give: attention masks work with SD 1.x, SD 2.x, SDXL and Flux. "
+        f"Use mask_from 'implicit' for this model.")
+
+
 def install(model) -> None:
     """Put the capture's patch on a (cloned) ModelPatcher, once: attn2_patch on UNets, Flux's
     attn1_patch on Flux."""
@@ -199,6 +213,14 @@ def intersect_now(capture: AttentionCapture, model_patcher, sigma: float) -> boo
         return True
     t = model_patcher.get_model_object("model_sampling").timestep(torch.tensor([float(sigma)]))
     return intersects(round(float(t[0])), False)
+
+
+def _is_unet(diffusion_model) -> bool:
+    try:
+        import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(diffusion_model, openaimodel.UNetModel)
 
 
 def _is_flux(diffusion_model) -> bool:

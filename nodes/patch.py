@@ -103,6 +103,7 @@ def apply_sega(model, specs: Sequence[ConceptSpec], momentum_scale: float, momen
         raise SEGAError(f"{node}: start_at_step must be >= 0, got {start_at_step}.")
     _Patch(list(specs), plan, node, int(start_at_step), preview, log_to).install(m)
     if plan.attention:
+        attention_masks.check_model(m, plan, lambda c: f"{node}: {specs[c].describe(c)}")
         attention_masks.install(m)
     return m
 

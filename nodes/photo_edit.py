@@ -101,6 +101,7 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         self.watch: Optional[MaskWatch] = None  # the last run's MaskWatch
         self.capture = None  # the run's AttentionCapture when a concept's mask_from needs its attention map
         if plan.attention:
+            attention_masks.check_model(m, plan, lambda c: f"{node}: {specs[c].describe(c)}")
             attention_masks.install(m)
 
     def sample(self, *args, **kwargs):

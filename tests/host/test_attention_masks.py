@@ -540,3 +540,18 @@ def test_flux_mask_lands_where_the_text_is_attended():
     assert maps[0][0][grid].min() > 0.9 > 0.1 > maps[0][0][~grid].max()
     mask = attention_mask(maps[0], 0.75, (8, 8))[0, 0]
     assert torch.equal(mask, grid.repeat_interleave(2, 0).repeat_interleave(2, 1))
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_models_without_maps_are_refused_before_sampling(family):
+    """SD3 and Wan give no cross-attention map here (Wan's attn2_patch hook takes other arguments): SEGA
+    Apply refuses mask_from attention with a SEGAError naming the concept, and no patch is installed."""
+    from families import FAMILIES
+
+    fam = FAMILIES[family]
+    model = fam.build()
+    concepts = concepts_of({"c1": fam.cond(3)}, [("c1", {"mask_from": "intersect"})])
+    with pytest.raises(pack_module("nodes.errors").SEGAError,
+                       match=r"SEGA Apply: SEGA Concept 'c1': mask_from 'intersect'.*SD 1.x, SD 2.x, SDXL and Flux"):
+        pack_module("nodes.patch").apply_sega(model, concepts, 0.0, 0.4)
+    assert attn2_patches(model) == []
