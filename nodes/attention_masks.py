@@ -41,6 +41,8 @@ class AttentionCapture:
         self._hw = None  # (h, w) of the map
         self._latent = None  # (H, W) of the evaluation's latent: rows of another size (an area's crop) are left out
         self.layers_seen = 0  # layers captured in the last evaluation (for tests)
+        self._positions = {}  # (context length, device) -> token positions, made once on the device
+        self._timestep = None  # a CPU copy of the model's sigma -> timestep conversion, made once
 
     @property
     def waiting(self) -> bool:
@@ -63,6 +65,25 @@ class AttentionCapture:
                 maps[c] = (s / self._heads[c]).view(s.shape[0], *self._hw)
         self._index, self._sums, self._heads = {}, {}, {}
         return maps
+
+    def positions(self, length: int, device, clip: bool = True) -> torch.Tensor:
+        """The token positions M1 sums (sega_core.attention.token_positions; every one when not `clip`),
+        made once per run on the device."""
+        key = (length, str(device), clip)
+        pos = self._positions.get(key)
+        if pos is None:
+            pos = token_positions(length, device=device) if clip else torch.arange(length, device=device)
+            self._positions[key] = pos
+        return pos
+
+    def timestep(self, model_patcher, sigma: float) -> int:
+        """The model's timestep (0..999) at a host sigma, computed on the CPU: a copy of the model's
+        model_sampling is made once, so no step waits for the device."""
+        if self._timestep is None:
+            import copy
+
+            self._timestep = copy.deepcopy(model_patcher.get_model_object("model_sampling")).to("cpu")
+        return round(float(self._timestep.timestep(torch.tensor([float(sigma)]))[0]))
 
     def layer(self, extra_options: dict):
         """The cross-attention module of the transformer block that calls the patch, or None."""
@@ -91,7 +112,7 @@ class AttentionCapture:
             return
         heads = int(extra_options["n_heads"])
         b = n.shape[0] // len(cond_or_uncond)
-        positions = token_positions(context.shape[1])
+        positions = self.positions(context.shape[1], n.device)
         with torch.no_grad():
             for chunk, index in enumerate(cond_or_uncond):
                 c = self._index.get(index)
@@ -123,7 +144,7 @@ class AttentionCapture:
 
         heads = q.shape[1]
         b = q.shape[0] // len(cond_or_uncond)
-        positions = torch.arange(txt)
+        positions = self.positions(txt, q.device, clip=False)
         with torch.no_grad():
             for chunk, index in enumerate(cond_or_uncond):
                 c = self._index.get(index)
@@ -211,8 +232,7 @@ def intersect_now(capture: AttentionCapture, model_patcher, sigma: float) -> boo
     always, SD at timesteps t <= 800 (t rounded to diffusers' integer timesteps)."""
     if capture.always_intersect:
         return True
-    t = model_patcher.get_model_object("model_sampling").timestep(torch.tensor([float(sigma)]))
-    return intersects(round(float(t[0])), False)
+    return intersects(capture.timestep(model_patcher, sigma), False)
 
 
 def _is_unet(diffusion_model) -> bool:

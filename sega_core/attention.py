@@ -14,6 +14,7 @@ Nothing here imports ComfyUI.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -27,14 +28,14 @@ CLIP_CHUNK = 77  # CLIP's context: start token, 75 positions, one more (end or p
 INTERSECT_MAX_T = 800  # LEDITS++ on SD intersects M1 and M2 only at timesteps t <= 800
 
 
-def token_positions(context_len: int, words: Optional[int] = None) -> torch.Tensor:
+def token_positions(context_len: int, words: Optional[int] = None, device=None) -> torch.Tensor:
     """The token positions whose attention M1 sums, as an index tensor.
 
     diffusers sums positions 1 .. 75 of CLIP's 77 (all after the start token: the words, the end
     token and the padding; `words=None`). With `words` (the number of word tokens of the concept's
     prompt) only positions 1 .. words count. A context made of several 77-token CLIP chunks (a long
     prompt) uses the same positions of every chunk; a context of another length (not CLIP) uses
-    every position (or the first `words`).
+    every position (or the first `words`). Built on `device` (no copy from the host).
     """
     if context_len < 1:
         raise SEGAValueError(f"attention mask: the text context has no tokens ({context_len}).")
@@ -42,10 +43,10 @@ def token_positions(context_len: int, words: Optional[int] = None) -> torch.Tens
         raise SEGAValueError(f"attention mask: words must be >= 1, got {words}.")
     if context_len % CLIP_CHUNK:
         n = context_len if words is None else min(words, context_len)
-        return torch.arange(n)
+        return torch.arange(n, device=device)
     per_chunk = CLIP_CHUNK - 2 if words is None else min(words, CLIP_CHUNK - 2)
-    starts = torch.arange(0, context_len, CLIP_CHUNK).unsqueeze(1)
-    return (starts + 1 + torch.arange(per_chunk)).flatten()
+    starts = torch.arange(0, context_len, CLIP_CHUNK, device=device).unsqueeze(1)
+    return (starts + 1 + torch.arange(per_chunk, device=device)).flatten()
 
 
 def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,13 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: tor
 
 def smoothing_kernel(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """LEDITS++'s 3x3 smoothing kernel: the normalised outer product of [e^-1, 1, e^-1]
-    (diffusers calls it sigma 0.5; it is a Gaussian with sigma 1/sqrt(2)). (1, 1, 3, 3)."""
+    (diffusers calls it sigma 0.5; it is a Gaussian with sigma 1/sqrt(2)). (1, 1, 3, 3).
+    Made once per dtype and device (a copy from the host would wait for the device every step)."""
+    return _kernel(dtype, torch.device("cpu") if device is None else torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     g = torch.tensor([math.exp(-1.0), 1.0, math.exp(-1.0)], dtype=torch.float32)
     k = torch.outer(g, g)
     return (k / k.sum()).view(1, 1, 3, 3).to(dtype=dtype, device=device)
