@@ -1,6 +1,6 @@
 """Run every benchmark and write bench/results.md (the table for the README's Performance section).
 
-    python bench/run_all.py            # about 14 minutes on 2 CPU cores (ledits.py: 6)
+    python bench/run_all.py            # about 20 minutes on 2 CPU cores (ledits.py: 6, attention_masks.py: 6)
     python bench/run_all.py --quick    # a smoke test, about 4 minutes
 
 Each benchmark runs in its own process with the same options (--threads, --quick). Exit status:
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import _common
 
-SCRIPTS = ["rows.py", "sega_math.py", "end_to_end.py", "gpu_sync.py", "ledits.py"]
+SCRIPTS = ["rows.py", "sega_math.py", "end_to_end.py", "gpu_sync.py", "ledits.py", "attention_masks.py"]
 HERE = Path(__file__).resolve().parent
 
 
