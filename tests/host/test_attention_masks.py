@@ -555,3 +555,24 @@ def test_models_without_maps_are_refused_before_sampling(family):
                        match=r"SEGA Apply: SEGA Concept 'c1': mask_from 'intersect'.*SD 1.x, SD 2.x, SDXL and Flux"):
         pack_module("nodes.patch").apply_sega(model, concepts, 0.0, 0.4)
     assert attn2_patches(model) == []
+
+
+def test_each_image_of_a_batch_gets_its_own_mask(pag_model):
+    """A batch of two latents: each image's mask comes from its own attention map (diffusers' store
+    mixes the heads of all images, LEDITS.md quirk 8): the two masks differ, and each equals the mask
+    of that image sampled alone."""
+    import comfy.sample
+
+    patch = pack_module("nodes.patch")
+    concepts = concepts_of({"c1": C1}, [("c1", {"mask_from": "attention", "threshold": 0.75})])
+
+    def masks(latent):
+        log = patch.RunLog()
+        m = patch.apply_sega(pag_model, concepts, 0.0, 0.4, log_to=log)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(4))  # image 0 alike in both
+        comfy.sample.sample(m, noise, 2, 5.0, "euler", "normal", POS, NEG, latent, disable_pbar=True, seed=0)
+        return log.watches[0].sums[0] / log.watches[0].counts[0]
+
+    both = masks(torch.zeros(2, 4, 16, 16))
+    assert both.shape == (2, 16, 16) and not torch.equal(both[0], both[1])
+    assert torch.equal(masks(torch.zeros(1, 4, 16, 16))[0], both[0])
