@@ -92,9 +92,6 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds(conds)
         self.cfg = inversion.source_guidance
         self._sigmas = [float(s) for s in inversion.sigmas]
-        self._momentum = None
-        self._momentum_step = None
-        self._next_momentum = None
         self.rows_per_step: list = []  # model rows of each evaluation of the last run (for tests and benchmarks)
         self.preview = preview  # the node the page draws each concept's kept positions on
         self.tally = tally  # gather the kept positions for a concept_masks output
@@ -105,8 +102,6 @@ class PhotoGuider(comfy.samplers.CFGGuider):
             attention_masks.install(m)
 
     def sample(self, *args, **kwargs):
-        self._momentum = self._next_momentum = None
-        self._momentum_step = None
         self.rows_per_step = []
         labels = [s.label or f"#{i + 1}" for i, s in enumerate(self.specs)]
         self.watch = MaskWatch.for_run(labels, self.preview, self.tally) if self.specs else None
@@ -154,31 +149,23 @@ class PhotoGuider(comfy.samplers.CFGGuider):
             masks = self._masks(x)
             watch = self.watch
             want = watch is not None and watch.wants(step, self.inversion.steps, True)
-            kept = None
             attn_masks, both = None, True
             if maps is not None:
                 attn_masks = attention_masks.masks_for(maps, list(attn.values()), self.plan, x,
                                                        lambda c: f"{self.node}: {self.specs[c].describe(c)}")
                 both = attention_masks.intersect_now(self.capture, self.model_patcher, self._sigmas[step])
+            # the one place where the concepts' predictions become the edit (no momentum: the photo is
+            # replayed, not sampled afresh)
             if self.combination == "sega":
-                if step != self._momentum_step:
-                    if self._momentum_step is not None:
-                        self._momentum = self._next_momentum
-                    self._momentum_step = step
-                result = sega_step(uncond, preds, rows, step, self.plan, self._momentum, (), masks, return_kept=want,
+                result = sega_step(uncond, preds, rows, step, self.plan, None, (), masks, return_kept=want,
                                    attn_masks=attn_masks, intersect_both=both)
-                edit, self._next_momentum = result[0], result[1]
-                kept = result[2] if want else None
-            elif want:
-                edit, kept = ledits.ledits_guidance(uncond, preds, rows, step, self.plan, masks, return_kept=True,
-                                                    attn_masks=attn_masks, intersect_both=both)
             else:
-                edit = ledits.ledits_guidance(uncond, preds, rows, step, self.plan, masks,
-                                              attn_masks=attn_masks, intersect_both=both)
+                result = ledits.ledits_guidance(uncond, preds, rows, step, self.plan, masks, return_kept=want,
+                                                attn_masks=attn_masks, intersect_both=both)
             if want:
-                self._watch(step, rows, kept, masks)
-            if edit is not None:
-                denoised = denoised - sigma * edit
+                self._watch(step, rows, result.kept, masks)
+            if result.edit is not None:
+                denoised = denoised - sigma * result.edit
         for fn in model_options.get("sampler_post_cfg_function", []):
             denoised = fn({"denoised": denoised, "cond": self.conds.get("positive"),
                            "uncond": self.conds.get("negative"), "cond_scale": self.cfg, "model": self.inner_model,
@@ -187,13 +174,8 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         return denoised
 
     def _watch(self, step: int, rows: list, kept, masks) -> None:
-        plan = self.plan
-        if self.combination == "sega":
-            active = [step >= plan.warmup[c] and step < plan.cooldown[c] and plan.weight[c] > 0.0
-                      for c in range(len(plan))]
-        else:
-            acting = set(ledits.ledits_rows(plan, step))
-            active = [c in acting for c in range(len(plan))]
+        # without momentum, a step's rows are exactly the concepts that act at it (both combinations)
+        active = [c in rows for c in range(len(self.plan))]
         weights = []
         for c in rows:
             m = None if masks is None else masks[c]
@@ -215,15 +197,13 @@ def photo_guider(model, inversion, concepts, combination: str, node: str, previe
     inversion.check_model(node, model)
     specs = _chain(concepts)
     try:
-        for i, spec in enumerate(specs):
-            spec.concept.validate(spec.describe(i))
         # LEDITS++ has no momentum; SEGA's combination here uses none either (the photo is replayed,
-        # not sampled afresh)
-        # windows given as fractions of the schedule become steps of the inversion's schedule, here,
-        # once: the edit replays exactly the inversion's steps
-        plan = Plan.build([s.concept for s in specs], 0.0, 0.0).for_steps(inversion.steps)
+        # not sampled afresh). Windows given as fractions of the schedule become steps of the
+        # inversion's schedule, here, once: the edit replays exactly the inversion's steps.
+        plan = Plan.build([s.concept for s in specs], 0.0, 0.0, names=[s.describe(i) for i, s in enumerate(specs)],
+                          where=node).for_steps(inversion.steps)
     except SEGAValueError as e:
-        raise SEGAError(f"{node}: {e}") from None
+        raise SEGAError(str(e)) from None
     for i, spec in enumerate(specs):
         if not isinstance(spec.conditioning, list) or not spec.conditioning:
             raise SEGAError(f"{spec.describe(i)}: its conditioning input is empty; wire a CLIP Text Encode into it.")

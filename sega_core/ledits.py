@@ -21,8 +21,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .attention import combine_masks
-from .concepts import Plan, SEGAValueError
-from .guidance import quantile_threshold
+from .concepts import Plan, SEGAValueError, concept_acts
+from .guidance import StepResult, quantile_threshold
 
 Denoise = Callable[[torch.Tensor, object], torch.Tensor]
 RULES = ("dpmpp_2m_sde", "euler_ancestral_rf")
@@ -247,7 +247,7 @@ def ledits_rows(plan: Plan, step: int, inactive: Sequence[int] = ()) -> List[int
     """Concepts that act at `step` under LEDITS++'s combination: warm-up <= step < cool-down and a
     non-zero scale (weights do not take part). Only these need a model row."""
     return [c for c in range(len(plan))
-            if plan.warmup[c] <= step < plan.cooldown[c] and plan.signed_scale[c] != 0.0 and c not in inactive]
+            if concept_acts(step, plan.warmup[c], plan.cooldown[c], plan.signed_scale[c]) and c not in inactive]
 
 
 def implicit_mask(g: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -277,9 +277,9 @@ def ledits_guidance(uncond: torch.Tensor, preds: Optional[torch.Tensor], rows: S
     (sega_core.attention.attention_mask), used by the concepts whose plan.mask_from is "attention"
     (M1 in place of M2) or "intersect" (M1 * M2 when `intersect_both`, else M1: see
     sega_core.attention.intersects).
-    Returns the edit, or None when no concept acts; with return_kept also `kept`, a bool
-    (len(rows), B, C, ...) of the positions each row's mask keeps (False for rows that do not act),
-    or None without rows.
+    Returns a StepResult, as sega_step does: the edit (None when no concept acts), no momentum,
+    and with return_kept `kept`, a bool (len(rows), B, C, ...) of the positions each row's mask
+    keeps (False for rows that do not act; None without rows).
     """
     acting = set(ledits_rows(plan, step, inactive))
     edit = None
@@ -303,4 +303,4 @@ def ledits_guidance(uncond: torch.Tensor, preds: Optional[torch.Tensor], rows: S
         edit = g if edit is None else edit + g
         if kept is not None:
             kept[k] = m.expand_as(uncond)
-    return (edit, kept) if return_kept else edit
+    return StepResult(edit, None, kept)

@@ -165,7 +165,7 @@ def test_ledits_guidance_with_attention_masks(both):
                 Concept(scale=3.0, warmup=0, threshold=0.7, mask_from="intersect", reverse=True)]
     plan = Plan.build(concepts)
     other = torch.flip(m1, dims=[-1])
-    edit, kept = ledits_guidance(uncond, preds, [0, 1], 0, plan, attn_masks=[m1, other], intersect_both=both,
+    edit, _, kept = ledits_guidance(uncond, preds, [0, 1], 0, plan, attn_masks=[m1, other], intersect_both=both,
                                  return_kept=True)
     g0 = (preds[0] - uncond) * 4.0
     g1 = (preds[1] - uncond) * -3.0
@@ -174,10 +174,10 @@ def test_ledits_guidance_with_attention_masks(both):
     assert torch.equal(edit, torch.where(m1, g0, 0.0) + torch.where(want1, g1, 0.0))
     # implicit concepts ignore any attention mask: the edit is the one of a plan without the setting
     plain = Plan.build([Concept(scale=4.0, warmup=0), Concept(scale=3.0, warmup=0, threshold=0.7, reverse=True)])
-    assert torch.equal(ledits_guidance(uncond, preds, [0, 1], 0, plain),
-                       ledits_guidance(uncond, preds, [0, 1], 0, plain, attn_masks=[m1, other]))
+    assert torch.equal(ledits_guidance(uncond, preds, [0, 1], 0, plain).edit,
+                       ledits_guidance(uncond, preds, [0, 1], 0, plain, attn_masks=[m1, other]).edit)
     with pytest.raises(SEGAValueError, match="attention mask"):
-        ledits_guidance(uncond, preds, [0, 1], 0, plan)
+        ledits_guidance(uncond, preds, [0, 1], 0, plan).edit
 
 
 @pytest.mark.parametrize("both", [True, False])

@@ -206,11 +206,11 @@ def test_every_scale_zero_gives_no_edit():
     u, e = preds_for(3)
     plan = Plan.build([Concept(scale=0.0, warmup=0)] * 3, momentum_scale=0.0)
     assert ledits_rows(plan, 0) == []
-    assert ledits_guidance(u, e, [0, 1, 2], 0, plan) is None  # rows given anyway: none acts
-    edit, kept = ledits_guidance(u, e, [0, 1, 2], 0, plan, return_kept=True)
+    assert ledits_guidance(u, e, [0, 1, 2], 0, plan).edit is None  # rows given anyway: none acts
+    edit, _, kept = ledits_guidance(u, e, [0, 1, 2], 0, plan, return_kept=True)
     assert edit is None and not kept.any()
     live = Plan.build([Concept(scale=5.0, warmup=0)], momentum_scale=0.0)
-    assert not ledits_guidance(u, u.unsqueeze(0), [0], 0, live).any()  # concept == uncond: zero edit
+    assert not ledits_guidance(u, u.unsqueeze(0), [0], 0, live).edit.any()  # concept == uncond: zero edit
 
 
 def test_reverse_mirrors():
@@ -218,16 +218,16 @@ def test_reverse_mirrors():
     fwd = Plan.build([Concept(scale=4.0, threshold=0.8, warmup=0), Concept(scale=2.0, threshold=0.5, warmup=0)])
     rev = Plan.build([Concept(scale=4.0, threshold=0.8, warmup=0, reverse=True),
                       Concept(scale=2.0, threshold=0.5, warmup=0, reverse=True)])
-    a = ledits_guidance(u, e, [0, 1], 0, fwd)
-    assert a.abs().max() > 0 and torch.equal(ledits_guidance(u, e, [0, 1], 0, rev), -a)
+    a = ledits_guidance(u, e, [0, 1], 0, fwd).edit
+    assert a.abs().max() > 0 and torch.equal(ledits_guidance(u, e, [0, 1], 0, rev).edit, -a)
 
 
 def test_plain_sum_no_weights():
     u, e = preds_for(2, seed=2)
     both = Plan.build([Concept(scale=3.0, warmup=0, weight=0.3), Concept(scale=5.0, threshold=0.7, warmup=0)])
     one = [Plan.build([Concept(scale=3.0, warmup=0)]), Plan.build([Concept(scale=5.0, threshold=0.7, warmup=0)])]
-    parts = [ledits_guidance(u, e[k:k + 1], [0], 0, one[k]) for k in range(2)]
-    torch.testing.assert_close(ledits_guidance(u, e, [0, 1], 0, both), parts[0] + parts[1], rtol=0, atol=0)
+    parts = [ledits_guidance(u, e[k:k + 1], [0], 0, one[k]).edit for k in range(2)]
+    torch.testing.assert_close(ledits_guidance(u, e, [0, 1], 0, both).edit, parts[0] + parts[1], rtol=0, atol=0)
 
 
 def test_windows():
@@ -241,7 +241,7 @@ def test_user_mask_zero_outside():
     plan = Plan.build([Concept(scale=5.0, threshold=0.9, warmup=0)])
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:6, 1:5] = 1.0
-    edit, kept = ledits_guidance(u, e, [0], 0, plan, user_masks=[mask], return_kept=True)
+    edit, _, kept = ledits_guidance(u, e, [0], 0, plan, user_masks=[mask], return_kept=True)
     outside = mask[0, 0] == 0
     assert not edit[..., outside].any()
     assert edit[..., ~outside].abs().sum() > 0
@@ -253,7 +253,7 @@ def test_user_mask_zero_outside():
 def test_implicit_mask_same_in_every_channel():
     u, e = preds_for(1, shape=(2, 4, 8, 8), seed=4)
     plan = Plan.build([Concept(scale=5.0, threshold=0.9, warmup=0)])
-    edit, kept = ledits_guidance(u, e, [0], 0, plan, return_kept=True)
+    edit, _, kept = ledits_guidance(u, e, [0], 0, plan, return_kept=True)
     assert all(torch.equal(kept[0, :, c], kept[0, :, 0]) for c in range(4))
     assert [int(kept[0, s, 0].sum()) for s in range(2)] == [7, 7]  # rank 0.9 * 63 = 56.7: the top 7 of 64
     assert torch.equal(edit != 0, kept[0])
@@ -278,7 +278,7 @@ def test_video_latents():
     """5-D latents (B, C, T, H, W): the mask is taken over all positions of a sample."""
     u, e = preds_for(1, shape=(1, 16, 3, 4, 4), seed=5)
     plan = Plan.build([Concept(scale=5.0, threshold=0.75, warmup=0)])
-    edit, kept = ledits_guidance(u, e, [0], 0, plan, return_kept=True)
+    edit, _, kept = ledits_guidance(u, e, [0], 0, plan, return_kept=True)
     assert edit.shape == u.shape and int(kept[0, 0, 0].sum()) == 12
 
 

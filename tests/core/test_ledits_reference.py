@@ -107,7 +107,7 @@ def run_ours(case: Case, preds, x0, mask, sigmas, inversion_combine=None, invers
 
     def combine(eps, k):
         rows = ledits_rows(plan, k)
-        edit = ledits_guidance(eps[0], torch.stack(eps[1:]) if rows else None, rows, k, plan, masks)
+        edit = ledits_guidance(eps[0], torch.stack(eps[1:]) if rows else None, rows, k, plan, masks).edit
         return eps[0] if edit is None else eps[0] + edit
 
     seen = []
@@ -311,7 +311,7 @@ def test_sdxl_batch_2(pipes):
 
         def combine(eps, k):
             rows = ledits_rows(plan, k)
-            return eps[0] + ledits_guidance(eps[0], torch.stack(eps[1:]), rows, k, plan)
+            return eps[0] + ledits_guidance(eps[0], torch.stack(eps[1:]), rows, k, plan).edit
 
         out = replay(inv.start[s:s + 1], sigmas, inv.zs[:, s:s + 1],
                      alone.denoise(sigmas, lambda k: [R.UNCOND] + [2 + c for c in ledits_rows(plan, k)], combine))
@@ -332,7 +332,7 @@ def test_16_channel_latents_crash_in_diffusers(pipes):
     assert (inv.zs - zs).abs().max() <= ATOL
     plan = plan_of(case.edits)
     u, e = table[0, 0], table[0, 2:3]
-    edit, kept = ledits_guidance(u, e, [0], 0, plan, return_kept=True)
+    edit, _, kept = ledits_guidance(u, e, [0], 0, plan, return_kept=True)
     assert all(torch.equal(kept[0, :, c], kept[0, :, 0]) for c in range(16))
     assert int(kept[0, 0, 0].sum()) == 7 and torch.isfinite(ours[-1]).all()
 
