@@ -101,6 +101,18 @@ def _chain(concepts) -> list:
     return list(concepts)
 
 
+def check_threshold(node: str, threshold) -> "bool | str":
+    """A concept node's validate_inputs answer for `threshold`: True, or sega_core's message (the one
+    the samplers give for a concept made in Python)."""
+    if not isinstance(threshold, (int, float)):
+        return f"{node}: threshold must be a number, got {threshold!r}."
+    try:
+        Concept(threshold=threshold).validate(node)
+    except SEGAValueError as e:
+        return str(e)
+    return True
+
+
 class SEGAConcept(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -142,14 +154,7 @@ class SEGAConcept(io.ComfyNode):
         # Only `threshold` is named, and no **kwargs: ComfyUI skips its own min/max and option checks
         # for every input a validate_inputs takes, so edit_scale, weight, warmup, cooldown and
         # direction stay checked by ComfyUI (a shared workflow with edit_scale 1e6 is refused).
-        # The message is sega_core's, the one the samplers give for a concept made in Python.
-        if not isinstance(threshold, (int, float)):
-            return f"SEGA Concept: threshold must be a number, got {threshold!r}."
-        try:
-            Concept(threshold=threshold).validate("SEGA Concept")
-        except SEGAValueError as e:
-            return str(e)
-        return True
+        return check_threshold("SEGA Concept", threshold)
 
     @classmethod
     def execute(cls, conditioning, edit_scale, direction, threshold, warmup, cooldown, weight,

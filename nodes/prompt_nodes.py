@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..sega_core import Concept, SEGAValueError
 from ..sega_core.prompt_syntax import TypedConcept, parse_prompt
-from .concept_nodes import (Concepts, _chain, concept_settings_inputs, make_concept, mask_from_input,
+from .concept_nodes import (Concepts, _chain, check_threshold, concept_settings_inputs, make_concept, mask_from_input,
                             window_unit_input)
 from .concept_spec import ConceptSpec
 from .errors import SEGAError
@@ -127,13 +127,7 @@ class SEGAConceptText(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, threshold=0.9):
         # as SEGA Concept's: only threshold is named, so ComfyUI keeps checking the other inputs' limits
-        if not isinstance(threshold, (int, float)):
-            return f"SEGA Concept (text): threshold must be a number, got {threshold!r}."
-        try:
-            Concept(threshold=threshold).validate("SEGA Concept (text)")
-        except SEGAValueError as e:
-            return str(e)
-        return True
+        return check_threshold("SEGA Concept (text)", threshold)
 
     @classmethod
     def execute(cls, clip, text, edit_scale, direction, threshold, warmup, cooldown, weight, label="",
