@@ -50,6 +50,23 @@ def concept_settings_inputs() -> list:
     ]
 
 
+def concept_optional_inputs(label: str, chain: str) -> list:
+    """The optional inputs of SEGA Concept and SEGA Concept (text), in their order: label, concepts,
+    mask, mask_from, window_unit (the last two added later, so saved workflows keep loading)."""
+    return [
+        io.String.Input("label", default="", optional=True, tooltip=label),
+        Concepts.Input("concepts", optional=True, tooltip=chain),
+        io.Mask.Input(
+            "mask", optional=True,
+            tooltip="Where this concept may edit (optional): 1 inside, 0 outside, soft values "
+                    "(a feathered or blurred mask) fade the edit. Resized to the latent. The concept's "
+                    "threshold is still taken over the whole image, so a small mask keeps little: "
+                    "lower the threshold (e.g. 0.5) to edit more inside it. Empty: the whole image."),
+        mask_from_input(),
+        window_unit_input(),
+    ]
+
+
 def mask_from_input() -> io.Combo.Input:
     """SEGA Concept's and SEGA Concept (text)'s mask_from input (optional, before window_unit)."""
     return io.Combo.Input(
@@ -130,21 +147,10 @@ class SEGAConcept(io.ComfyNode):
                     tooltip="The concept's text, encoded with the CLIP of the model you sample with "
                             "(CLIP Text Encode). Prompt weighting and SDXL's pooled output work as usual."),
                 *concept_settings_inputs(),
-                io.String.Input(
-                    "label", default="", optional=True,
-                    tooltip="A name for this concept in messages and previews (optional, e.g. 'glasses')."),
-                Concepts.Input(
-                    "concepts", optional=True,
-                    tooltip="Concepts to chain before this one (optional): lets you wire SEGA Concept nodes "
-                            "in a row instead of using a SEGA Concept Stack."),
-                io.Mask.Input(
-                    "mask", optional=True,
-                    tooltip="Where this concept may edit (optional): 1 inside, 0 outside, soft values "
-                            "(a feathered or blurred mask) fade the edit. Resized to the latent. The concept's "
-                            "threshold is still taken over the whole image, so a small mask keeps little: "
-                            "lower the threshold (e.g. 0.5) to edit more inside it. Empty: the whole image."),
-                mask_from_input(),
-                window_unit_input(),
+                *concept_optional_inputs(
+                    label="A name for this concept in messages and previews (optional, e.g. 'glasses').",
+                    chain="Concepts to chain before this one (optional): lets you wire SEGA Concept nodes "
+                          "in a row instead of using a SEGA Concept Stack."),
             ],
             outputs=[Concepts.Output(display_name="concepts", tooltip="This concept, after any chained ones.")],
         )

@@ -6,8 +6,8 @@ from comfy_api.latest import io
 
 from ..sega_core import Concept, SEGAValueError
 from ..sega_core.prompt_syntax import TypedConcept, parse_prompt
-from .concept_nodes import (Concepts, _chain, check_threshold, concept_settings_inputs, make_concept, mask_from_input,
-                            window_unit_input)
+from .concept_nodes import (Concepts, _chain, check_threshold, concept_optional_inputs, concept_settings_inputs,
+                            make_concept)
 from .concept_spec import ConceptSpec
 from .errors import SEGAError
 from .schema import CATEGORY, schema
@@ -107,19 +107,10 @@ class SEGAConceptText(io.ComfyNode):
                     tooltip="The concept, e.g. 'glasses' or 'red cars'. Encoded exactly as CLIP Text Encode "
                             "encodes it ((word:1.2) weighting, SDXL's two encoders and pooled output)."),
                 *concept_settings_inputs(),
-                io.String.Input(
-                    "label", default="", optional=True,
-                    tooltip="A name for this concept in messages and previews (optional; empty: its text)."),
-                Concepts.Input(
-                    "concepts", optional=True,
-                    tooltip="Concepts to chain before this one (optional): SEGA Concept, SEGA Concept (text) or "
-                            "SEGA Prompt nodes, or a stack."),
-                io.Mask.Input(
-                    "mask", optional=True,
-                    tooltip="Where this concept may edit (optional), as SEGA Concept's mask: 1 inside, 0 "
-                            "outside, soft values fade the edit. Empty: the whole image."),
-                mask_from_input(),
-                window_unit_input(),
+                *concept_optional_inputs(
+                    label="A name for this concept in messages and previews (optional; empty: its text).",
+                    chain="Concepts to chain before this one (optional): SEGA Concept, SEGA Concept (text) or "
+                          "SEGA Prompt nodes, or a stack."),
             ],
             outputs=[Concepts.Output(display_name="concepts", tooltip="This concept, after any chained ones.")],
         )
