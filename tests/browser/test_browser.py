@@ -298,6 +298,14 @@ def test_mask_preview_on_the_guider(page_and_console, comfy_server):
     assert not [c for c in console[before:] if c[0] in ("error", "pageerror")]
 
 
+def toasts(page) -> list:
+    """The messages the page shows as toasts (a missing model, an error), less the schema warning an
+    older frontend (v0.8.0's) gives for the fields a newer one saves in the examples: the README's
+    pictures are taken on the main host's frontend, which saved them."""
+    texts = page.evaluate("() => [...document.querySelectorAll('.p-toast-message')].map(t => t.innerText)")
+    return [t for t in texts if "Invalid workflow against zod schema" not in t]
+
+
 def test_readme_pictures(page_and_console, comfy_server, artifacts_dir):
     """The README's pictures (docs/*.png), as a user sees the product, written to
     <artifacts>/readme/ (to update the README, copy them to docs/ in 256 colours): the first example with its
@@ -320,7 +328,7 @@ def test_readme_pictures(page_and_console, comfy_server, artifacts_dir):
         page.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
         page.wait_for_timeout(1500)  # a missing-model warning would have come by now
         page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-        assert page.evaluate("() => document.querySelectorAll('.p-toast-message').length") == 0
+        assert toasts(page) == []
         assert ckpt_name not in page.evaluate("() => document.body.innerText")  # no warning names it
         page.screenshot(path=str(out / "example-workflow.png"))
 
@@ -392,7 +400,7 @@ def test_readme_photo_picture(page_and_console, comfy_server, artifacts_dir):
         page.wait_for_timeout(1500)  # a missing-model warning would have come by now
         page.evaluate("() => { app.canvas.setDirty(true, true); app.canvas.draw(true, true); }")
         page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-        assert page.evaluate("() => document.querySelectorAll('.p-toast-message').length") == 0
+        assert toasts(page) == []
         page.screenshot(path=str(out / "photo-edit-workflow.png"))
     finally:
         page.set_viewport_size({"width": 1600, "height": 1000})
