@@ -217,13 +217,15 @@ def invert(x0: torch.Tensor, sigmas, noises: torch.Tensor, denoise: Denoise, rul
 
 def replay(start: torch.Tensor, sigmas, zs: torch.Tensor, denoise: Denoise, rule: str = "dpmpp_2m_sde",
            correction: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None,
-           where: str = "LEDITS++") -> torch.Tensor:
+           where: str = "LEDITS++", keep: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """The LEDITS++ edit loop (arXiv:2311.16711): x_{k+1} = mean + std * zs[k] for every step.
 
     `denoise` gives the (edited) prediction: with the inversion's own prediction every step repeats
     the inversion. The last step ends on its mean (the x0-prediction, as diffusers does) or, with
     `correction` (Inversion.correction), on mean + correction: exactly x0 for the inversion's
     prediction. `callback` as in `invert`.
+    keep: None (LEDITS++), or a `(k, x_{k+1}) -> x_{k+1}` called after every step k (after the
+    correction on the last one), whose result the replay continues from (`keep_photo` makes one).
     """
     s, flow = _check(sigmas, rule, where)
     n = len(s) - 1
@@ -238,9 +240,44 @@ def replay(start: torch.Tensor, sigmas, zs: torch.Tensor, denoise: Denoise, rule
             callback({"x": x, "i": k, "sigma": sigmas[k], "sigma_hat": sigmas[k], "denoised": denoised})
         mean, std = step(x, denoised, k)
         x = _advance(mean, std, zs[k].to(device=mean.device, dtype=mean.dtype))
-    if correction is not None:
-        x = x + correction.to(device=x.device, dtype=x.dtype)
+        if k == n - 1 and correction is not None:
+            x = x + correction.to(device=x.device, dtype=x.dtype)
+        if keep is not None:
+            x = keep(k, x)
     return x
+
+
+def blend_outside(x: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """m * x + (1 - m) * reference: the edit `x` where the soft mask m (values in [0, 1], broadcastable
+    to x) is 1, `reference` where it is 0, a blend between."""
+    m = mask.to(device=x.device, dtype=x.dtype)
+    return m * x + (1.0 - m) * reference.to(device=x.device, dtype=x.dtype)
+
+
+def keep_photo(mask: torch.Tensor, x0: torch.Tensor, sigmas, noises: torch.Tensor, flow: bool = False,
+               end: Optional[torch.Tensor] = None) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """A `keep` for `replay` that holds the latent outside `mask` on the reconstruction's trajectory.
+
+    Beyond LEDITS++ (whose edit term is zero outside a user mask, while the latent still drifts a
+    little there, since the model sees the whole latent). The reconstruction follows the inversion's
+    chain: after step k it is at the draw at sigmas[k + 1] (`noisy_latents` of x0 with noises[k + 1]),
+    and after the last step at `end` (x0, the exact reconstruction's end, by default). Each step's
+    latent becomes blend_outside(x, that point, mask). noises: the inversion's (N, *x0.shape) draws.
+    """
+    s = [float(v) for v in sigmas]
+    n = len(s) - 1
+    if noises.shape[0] != n or tuple(noises.shape[1:]) != tuple(x0.shape):
+        raise SEGAValueError(f"keep_photo: noises must have shape {(n, *x0.shape)}, got {tuple(noises.shape)}.")
+    target_end = x0 if end is None else end
+
+    def keep(k: int, x: torch.Tensor) -> torch.Tensor:
+        if k + 1 < n:
+            ref = noisy_latents(x0.to(device=x.device, dtype=x.dtype), s[k + 1:k + 2], noises[k + 1:k + 2], flow)[0]
+        else:
+            ref = target_end
+        return blend_outside(x, ref, mask)
+
+    return keep
 
 
 def ledits_rows(plan: Plan, step: int, inactive: Sequence[int] = ()) -> List[int]:

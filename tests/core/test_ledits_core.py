@@ -13,8 +13,8 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 from sega_core import Concept, Plan, SEGAValueError
 from sega_core.ledits import (
-    Inversion, dpmpp_2m_sde_step, draw_noises, euler_ancestral_rf_step, implicit_mask, invert, ledits_guidance,
-    ledits_rows, ledits_timesteps, noisy_latents, replay)
+    Inversion, blend_outside, dpmpp_2m_sde_step, draw_noises, euler_ancestral_rf_step, implicit_mask, invert,
+    keep_photo, ledits_guidance, ledits_rows, ledits_timesteps, noisy_latents, replay)
 
 SHAPE = (1, 4, 8, 8)
 
@@ -248,6 +248,57 @@ def test_user_mask_zero_outside():
     # the mask acts before the quantile (as in diffusers): the 0.9-quantile of 64 positions, 48 of
     # them zero, keeps the top 7, all inside the mask
     assert int(kept[0, 0, 0].sum()) == 7 and not kept[0, 0, 0][outside].any()
+
+
+@pytest.mark.parametrize("rule,sigmas", [("dpmpp_2m_sde", sd_sigmas(8, 0.15)),
+                                         ("euler_ancestral_rf", flow_sigmas(8, 3.0))])
+def test_keep_photo_holds_the_reconstruction_outside_the_mask(rule, sigmas):
+    """keep_photo: outside the mask the replayed latent is the inversion's chain after every step (the
+    model sees the draws there) and the photo at the end, while inside the edit goes on; a mask of
+    ones changes nothing, a mask of zeros gives the reconstruction."""
+    flow = rule == "euler_ancestral_rf"
+    den = model(flow)
+    x0 = x0_of(5)
+    n = len(sigmas) - 1
+    noises = draw_noises(x0.shape, n, torch.Generator().manual_seed(6))
+    draws = noisy_latents(x0, sigmas[:-1], noises, flow)
+    inv = invert(x0, sigmas, noises, den, rule=rule)
+    push = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+
+    def edited(x, sigma):  # an edit acting everywhere, as the model's view of the whole latent does
+        return den(x, sigma) - float(sigma) * 0.5 * push
+
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 1:5, 2:7] = 1.0
+    outside = mask[0, 0] == 0
+    seen = []
+    out = replay(inv.start, sigmas, inv.zs, edited, rule=rule, correction=inv.correction,
+                 callback=lambda d: seen.append(d["x"]), keep=keep_photo(mask, x0, sigmas, noises, flow))
+    assert torch.equal(out[..., outside], x0[..., outside])
+    assert (out - x0)[..., ~outside].abs().max() > 0.05
+    for k in range(1, n):
+        assert torch.equal(seen[k][..., outside], draws[k][..., outside])
+    free = replay(inv.start, sigmas, inv.zs, edited, rule=rule, correction=inv.correction)
+    assert (free - x0)[..., outside].abs().max() > 0.05  # without keep the edit reaches everywhere
+    ones = replay(inv.start, sigmas, inv.zs, edited, rule=rule, correction=inv.correction,
+                  keep=keep_photo(torch.ones(1, 1, 8, 8), x0, sigmas, noises, flow))
+    assert torch.equal(ones, free)
+    zeros = replay(inv.start, sigmas, inv.zs, edited, rule=rule, correction=inv.correction,
+                   keep=keep_photo(torch.zeros(1, 1, 8, 8), x0, sigmas, noises, flow))
+    assert torch.equal(zeros, x0)
+    # another end point (the reconstruction without the correction ends on its last x0-prediction)
+    end = x0 - inv.correction
+    plain = replay(inv.start, sigmas, inv.zs, edited, rule=rule,
+                   keep=keep_photo(torch.zeros(1, 1, 8, 8), x0, sigmas, noises, flow, end=end))
+    assert torch.equal(plain, end)
+
+
+def test_blend_outside_soft_mask():
+    x, ref = torch.full((1, 2, 2, 2), 3.0), torch.full((1, 2, 2, 2), 1.0)
+    m = torch.tensor([0.0, 0.25, 0.5, 1.0]).view(1, 1, 2, 2)
+    out = blend_outside(x, ref, m)
+    assert torch.allclose(out[0, 0], torch.tensor([[1.0, 1.5], [2.0, 3.0]]))
+    assert torch.equal(out[0, 0], out[0, 1])
 
 
 def test_implicit_mask_same_in_every_channel():
