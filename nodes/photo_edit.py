@@ -32,12 +32,55 @@ from .schema import CATEGORY, schema
 
 # -- the replay sampler ----------------------------------------------------------------------------
 
+OUTSIDE_MASKS = ("as LEDITS++", "keep the photo")
+
+
+def _outside_masks_input():
+    return io.Combo.Input(
+        "outside_masks", options=list(OUTSIDE_MASKS), default=OUTSIDE_MASKS[0], optional=True,
+        tooltip="as LEDITS++ (default): the edit term is zero outside a concept's mask, but the latent there still "
+                "changes a little (the model sees the whole image). keep the photo (beyond LEDITS++): after every "
+                "step the latent outside the concepts' masks (their union, soft values blend) is set back to the "
+                "reconstruction's own path, so the photo stays there. Needs SEGA Photo Guider's concepts (SEGA "
+                "Photo Edit's own); if any concept has no mask, nothing is kept.")
+
+
+def _check_outside(node: str, outside_masks: str) -> None:
+    if outside_masks not in OUTSIDE_MASKS:
+        raise SEGAError(f"{node}: outside_masks must be one of {', '.join(repr(o) for o in OUTSIDE_MASKS)}, "
+                        f"got {outside_masks!r}.")
+
+
+def _keep_outside(inversion: PhotoInversion, guider, x: torch.Tensor, sigmas: torch.Tensor, exact: bool, node: str):
+    """The replay's `keep` for "keep the photo": None when a concept has no mask (or there is none)."""
+    if not isinstance(guider, PhotoGuider):
+        raise SEGAError(f"{node}: outside_masks 'keep the photo' takes the masks of SEGA Photo Guider's concepts, "
+                        f"but the guider is a {type(guider).__name__}; use SEGA Photo Guider or set outside_masks "
+                        f"to 'as LEDITS++'.")
+    if not guider.specs or any(s.mask is None for s in guider.specs):
+        return None
+    if inversion.photo is None:
+        raise SEGAError(f"{node}: outside_masks 'keep the photo' needs an inversion that holds the photo's latent; "
+                        f"run SEGA Invert Photo again.")
+    mask = None
+    for s in guider.specs:  # the union of the masks, each resized to the latent as the patch resizes it
+        m = _fit_mask(s.mask, x)
+        mask = m if mask is None else torch.maximum(mask, m)
+    x0 = inversion.photo.to(x)
+    end = x0 if exact else x0 - inversion.correction.to(x)  # where the reconstruction itself ends
+    return ledits.keep_photo(mask, x0, sigmas, inversion.draws(), flow=inversion.rule == "euler_ancestral_rf",
+                             end=end)
+
+
 def replay_sampler(inversion: PhotoInversion, reconstruction: str = "exact", node: str = "SEGA Inversion Sampler",
-                   record: Optional[list] = None):
+                   record: Optional[list] = None, outside_masks: str = "as LEDITS++"):
     """A SAMPLER that replays the inversion's noise maps from its start (the incoming noise is not used).
 
-    record: a list to which every step's (x, sigma, denoised) is appended (for tests)."""
+    record: a list to which every step's (x, sigma, denoised) is appended (for tests).
+    outside_masks: "as LEDITS++", or "keep the photo": the latent outside the union of the PhotoGuider's
+    concept masks follows the reconstruction (ledits.keep_photo)."""
     exact = reconstruction == "exact"
+    _check_outside(node, outside_masks)
 
     def replay_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         inversion.check_sigmas(node, sigmas)
@@ -52,10 +95,13 @@ def replay_sampler(inversion: PhotoInversion, reconstruction: str = "exact", nod
                 record.append((xk.clone(), float(sigma), out.clone()))
                 return out
 
+        keep = None
+        if outside_masks == "keep the photo":
+            keep = _keep_outside(inversion, model_k.inner_model, x, sigmas, exact, node)
         try:
             return ledits.replay(inversion.start.to(x), sigmas.to(x), inversion.zs.to(x), denoise,
                                  rule=inversion.rule, correction=inversion.correction.to(x) if exact else None,
-                                 callback=callback, where=node)
+                                 callback=callback, where=node, keep=keep)
         except SEGAValueError as e:
             raise SEGAError(str(e)) from None
 
@@ -255,6 +301,7 @@ class SEGAPhotoEdit(io.ComfyNode):
                     tooltip="exact (default): the last step lands on the photo's own latent, so with no concept "
                             "the output is the photo (float32, within 1e-4). as diffusers: the last step ends on "
                             "the model's x0-prediction, as diffusers' LEDITS++ does (slightly softer)."),
+                _outside_masks_input(),
             ],
             outputs=[
                 io.Latent.Output(tooltip="The edited latent; VAE Decode it."),
@@ -267,26 +314,29 @@ class SEGAPhotoEdit(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, inversion, combination, reconstruction, concepts=None) -> io.NodeOutput:
+    def execute(cls, model, inversion, combination, reconstruction, concepts=None,
+                outside_masks="as LEDITS++") -> io.NodeOutput:
         guiders = []
         latent = photo_edit(model, inversion, concepts, combination, reconstruction, guider_out=guiders,
-                            preview=preview_target(cls.hidden))
+                            preview=preview_target(cls.hidden), outside_masks=outside_masks)
         return io.NodeOutput(latent, concept_masks(model, guiders[0], inversion))
 
 
 def photo_edit(model, inversion, concepts=None, combination: str = "ledits", reconstruction: str = "exact",
                node: str = "SEGA Photo Edit", guider_out: Optional[list] = None,
-               preview: Optional[PreviewTarget] = None) -> dict:
+               preview: Optional[PreviewTarget] = None, outside_masks: str = "as LEDITS++") -> dict:
     """Edits an inverted photo: the LATENT. guider_out: a list that receives the PhotoGuider (its
-    rows_per_step and the MaskWatch of the kept positions)."""
+    rows_per_step and the MaskWatch of the kept positions). outside_masks: as replay_sampler's."""
     if reconstruction not in ("exact", "as diffusers"):
         raise SEGAError(f"{node}: reconstruction must be 'exact' or 'as diffusers', got {reconstruction!r}.")
+    _check_outside(node, outside_masks)
     guider = photo_guider(model, inversion, concepts, combination, node, preview, tally=guider_out is not None)
     if guider_out is not None:
         guider_out.append(guider)
     latent = torch.zeros(inversion.latent_shape, dtype=torch.float32)
     callback = latent_preview.prepare_callback(guider.model_patcher, inversion.steps)
-    out = guider.sample(torch.zeros_like(latent), latent, replay_sampler(inversion, reconstruction, node),
+    out = guider.sample(torch.zeros_like(latent), latent,
+                        replay_sampler(inversion, reconstruction, node, outside_masks=outside_masks),
                         inversion.sigmas.clone(), callback=callback,
                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=inversion.seed)
     out = out.to(comfy.model_management.intermediate_device())
@@ -350,19 +400,21 @@ class SEGAInversionSampler(io.ComfyNode):
                     "reconstruction", options=["exact", "as diffusers"], default="exact",
                     tooltip="exact (default): the last step lands on the photo's own latent. as diffusers: it ends "
                             "on the model's x0-prediction, as diffusers' LEDITS++ does."),
+                _outside_masks_input(),
             ],
             outputs=[io.Sampler.Output(tooltip="Replays the inversion; connect to SamplerCustomAdvanced."),
                      io.Sigmas.Output(tooltip="The inversion's schedule; connect to SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def execute(cls, inversion, reconstruction) -> io.NodeOutput:
+    def execute(cls, inversion, reconstruction, outside_masks="as LEDITS++") -> io.NodeOutput:
         node = "SEGA Inversion Sampler"
         if not isinstance(inversion, PhotoInversion):
             raise SEGAError(f"{node}: the inversion input must come from a SEGA Invert Photo node.")
         if reconstruction not in ("exact", "as diffusers"):
             raise SEGAError(f"{node}: reconstruction must be 'exact' or 'as diffusers', got {reconstruction!r}.")
-        return io.NodeOutput(replay_sampler(inversion, reconstruction, node), inversion.sigmas.clone())
+        return io.NodeOutput(replay_sampler(inversion, reconstruction, node, outside_masks=outside_masks),
+                             inversion.sigmas.clone())
 
 
 NODES = [SEGAInvertPhoto, SEGAPhotoEdit, SEGAPhotoGuider, SEGAInversionSampler]

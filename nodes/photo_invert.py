@@ -55,13 +55,23 @@ class PhotoInversion:
     skip: float = 0.15
     seed: int = 0
     zero_noise_steps: int = 0
+    # the photo's latent x0 in sampler space: where the reconstruction ends, and (with the draws, which
+    # the seed gives again) its chain, for SEGA Photo Edit's outside_masks "keep the photo". One latent
+    # (1 / steps of zs' memory); None for an inversion made without it.
+    photo: Optional[torch.Tensor] = None
 
     @property
     def steps(self) -> int:
         return len(self.sigmas) - 1
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.start, self.zs, self.sigmas, self.correction))
+        return sum(t.numel() * t.element_size() for t in (self.start, self.zs, self.sigmas, self.correction, self.photo)
+                   if t is not None)
+
+    def draws(self) -> torch.Tensor:
+        """The inversion's (N, *latent) standard normal draws again, from its seed (as SEGA Invert Photo drew
+        them): N latents on the CPU while a replay uses them, not stored with the inversion."""
+        return _draws(self.latent_shape, self.steps, self.seed)
 
     def check_model(self, node: str, model) -> None:
         family = _family(model)
@@ -255,7 +265,7 @@ def invert_photo(model, latent: dict, uncond, steps: int, skip: float, seed: int
         correction = inv.correction
         if zero_steps and inv.zs.shape[0] > 1:
             correction = _zeroed_correction(x0.float(), sigmas_in.float(), inv, seen, denoise, rule, zero_steps)
-        result.append((inv, correction))
+        result.append((inv, correction, x0.float()))
         return x0
 
     m = model.clone()
@@ -272,14 +282,14 @@ def invert_photo(model, latent: dict, uncond, steps: int, skip: float, seed: int
     callback = latent_preview.prepare_callback(m, int(steps))
     guider.sample(noise, samples.float(), comfy.samplers.KSAMPLER(invert_fn), sigmas.clone(), callback=callback,
                   disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(seed))
-    inv, correction = result[-1]
+    inv, correction, photo = result[-1]
     cpu = torch.device("cpu")
     return PhotoInversion(
         start=inv.start.detach().to(cpu, torch.float32), zs=inv.zs.detach().to(cpu, torch.float32),
         sigmas=sigmas, correction=correction.detach().to(cpu, torch.float32),
         latent_shape=tuple(samples.shape), family=_family(model), rule=rule, uncond=uncond,
         source=source if source else None, source_guidance=float(source_guidance) if source else 1.0,
-        skip=float(skip), seed=int(seed), zero_noise_steps=zero_steps)
+        skip=float(skip), seed=int(seed), zero_noise_steps=zero_steps, photo=photo.detach().to(cpu, torch.float32))
 
 
 def _zeroed_correction(x0, sigmas, inv, seen: list, denoise, rule: str, zero_steps: int) -> torch.Tensor:

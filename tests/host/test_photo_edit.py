@@ -47,10 +47,10 @@ def invert(name, latent=None, steps=STEPS, skip=0.15, seed=3, source=None, sourc
         steps=steps, skip=skip, seed=seed, source=source, source_guidance=source_guidance))
 
 
-def edit(name, inversion, concepts=None, combination="ledits", reconstruction="exact", model=None):
+def edit(name, inversion, concepts=None, combination="ledits", reconstruction="exact", model=None, **options):
     return node_output(mod().SEGAPhotoEdit.execute(model=model or model_of(name), inversion=inversion,
                                                    concepts=concepts, combination=combination,
-                                                   reconstruction=reconstruction))["samples"]
+                                                   reconstruction=reconstruction, **options))["samples"]
 
 
 # -- reconstruction, every family ------------------------------------------------------------------
@@ -90,12 +90,14 @@ def test_every_family_edits_in_one_batched_call_per_step(name):
     assert torch.isfinite(out).all() and (out - lat["samples"]).abs().max() > 1e-3
 
 
-def test_inversion_memory_is_one_latent_per_step_plus_two():
-    """The inversion object holds N noise maps, the start and the correction (float32, CPU) and the
-    schedule: for SDXL at 1024x1024 and 50 steps that is 52 latents of 4x128x128, 13.6 MB."""
+def test_inversion_memory_is_one_latent_per_step_plus_three():
+    """The inversion object holds N noise maps, the start, the correction and the photo's latent
+    (float32, CPU) and the schedule: for SDXL at 1024x1024 and 50 steps that is 53 latents of
+    4x128x128, 13.9 MB. The draws are not stored (the seed gives them again)."""
     inv = invert("sdxl")
     latent_bytes = inv.start.numel() * 4
-    assert inv.nbytes() == (STEPS + 2) * latent_bytes + (STEPS + 1) * 4
+    assert inv.nbytes() == (STEPS + 3) * latent_bytes + (STEPS + 1) * 4
+    assert inv.photo.shape == inv.start.shape
     assert inv.zs.dtype == torch.float32 and inv.zs.device.type == "cpu"
 
 
@@ -157,6 +159,56 @@ def test_edit_acts_only_inside_the_mask(combination):
     outside = (out - photo_latent)[..., 4:].abs().max()
     print(f"{combination}: largest change inside the mask {inside:.3g}, outside {outside:.3g}")
     assert inside > 1e-2 and inside > 2 * outside
+
+
+@pytest.mark.parametrize("combination", ["ledits", "sega"])
+def test_keep_the_photo_outside_the_masks(combination):
+    """outside_masks "keep the photo": outside the concept's mask the edit's latent is the photo's (1e-4),
+    inside it changes; the default ("as LEDITS++") is the edit without the option, bit for bit, and
+    changes the outside a little; a concept without a mask turns the option off."""
+    name = "sd15"
+    inv = invert(name)
+    c = FAMILIES[name].cond
+    concepts = concept_node(c(5), mask=left_half_pixels(), edit_scale=10.0)
+    photo_latent = photo(name)["samples"]
+    kept = edit(name, inv, concepts, combination, outside_masks="keep the photo")
+    outside = (kept - photo_latent)[..., 4:].abs().max().item()
+    inside = (kept - photo_latent)[..., :4].abs().max().item()
+    default = edit(name, inv, concepts, combination)
+    assert torch.equal(edit(name, inv, concepts, combination, outside_masks="as LEDITS++"), default)
+    drift = (default - photo_latent)[..., 4:].abs().max().item()
+    print(f"{combination}: keep the photo: outside {outside:.2e}, inside {inside:.3g}; as LEDITS++ outside {drift:.3g}")
+    assert outside <= 1e-4 and inside > 1e-2 and drift > 1e-3
+    unmasked = concept_node(c(6), concepts=concepts, edit_scale=3.0)
+    assert torch.equal(edit(name, inv, unmasked, combination, outside_masks="keep the photo"),
+                       edit(name, inv, unmasked, combination))
+
+
+def test_keep_the_photo_with_the_inversion_sampler():
+    """SEGA Inversion Sampler's outside_masks under SEGA Photo Guider gives SEGA Photo Edit's result; under
+    another guider it is refused by name; a value outside the options is refused."""
+    import comfy_extras.nodes_custom_sampler as custom
+
+    name = "sd15"
+    family = FAMILIES[name]
+    lat = photo(name)
+    inv = invert(name, lat)
+    concepts = concept_node(family.cond(5), mask=left_half_pixels(), edit_scale=10.0)
+    sampler, sigmas = mod().SEGAInversionSampler.execute(inversion=inv, reconstruction="exact",
+                                                         outside_masks="keep the photo").args
+    guider = node_output(mod().SEGAPhotoGuider.execute(model=model_of(name), inversion=inv, combination="ledits",
+                                                       concepts=concepts))
+    noise = node_output(custom.DisableNoise.execute())
+    out = node_output(custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, lat))["samples"]
+    assert torch.equal(out, edit(name, inv, concepts, outside_masks="keep the photo"))
+    assert (out - lat["samples"])[..., 4:].abs().max() <= 1e-4
+    plain = comfy.samplers.CFGGuider(model_of(name))
+    plain.set_conds(family.cond(1), family.cond(1))
+    plain.set_cfg(1.0)
+    with pytest.raises(errors().SEGAError, match="SEGA Inversion Sampler: outside_masks 'keep the photo'.*CFGGuider"):
+        custom.SamplerCustomAdvanced.execute(noise, plain, sampler, sigmas, lat)
+    with pytest.raises(errors().SEGAError, match="SEGA Photo Edit: outside_masks must be one of"):
+        edit(name, inv, concepts, outside_masks="keep")
 
 
 @pytest.mark.parametrize("combination", ["ledits", "sega"])
