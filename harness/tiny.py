@@ -3,6 +3,9 @@
   tiny_checkpoint()      an SD1.5-layout checkpoint file (fp16 safetensors, ~450 MB), built once
                          into CACHE_DIR/models/checkpoints and reused (run_sega.py --tiny, the host
                          tests, the benchmarks)
+  tiny_mask_checkpoint() the same with the three-level UNet of TINY_MASK_UNET, whose cross-attention
+                         sits at a quarter of the latent (what mask_from attention / intersect read);
+                         built once as sega-tiny-sd15-mask.safetensors (the browser tests)
   unet_config(cls, ...)  a shrunken UNet config for a `comfy.supported_models` class
   init_weights(...)      deterministic weights from a seed (ComfyUI's ops skip initialisation)
   patcher(model)         a CPU ModelPatcher around a built model
@@ -31,6 +34,11 @@ TINY_SD15_UNET = {
     "transformer_depth_middle": -2, "use_linear_in_transformer": False, "context_dim": 768,
     "use_temporal_resblock": False, "use_temporal_attention": False,
 }
+# The tiny UNet with three levels (two downsamplings), cross-attention only on the deepest, a quarter
+# of the latent: the layers LEDITS++'s cross-attention mask reads (mask_from attention / intersect).
+TINY_MASK_NAME = "sega-tiny-sd15-mask.safetensors"
+TINY_MASK_UNET = dict(TINY_SD15_UNET, num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1], transformer_depth=[0, 0, 1],
+                      transformer_depth_output=[0, 0, 0, 0, 1, 1])
 # The full SD VAE: ComfyUI v0.8.0 does not infer a smaller decoder from the weights.
 SD_VAE_DDCONFIG = {
     "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
@@ -59,8 +67,9 @@ def _init_modules(module) -> None:
                     break
 
 
-def build_tiny_sd15(path: Path, seed: int = TINY_SEED) -> Path:
-    """Write a random-weight checkpoint in the SD1.5 layout (fp16 safetensors, ~450 MB) to `path`."""
+def build_tiny_sd15(path: Path, seed: int = TINY_SEED, unet_config: dict | None = None) -> Path:
+    """Write a random-weight checkpoint in the SD1.5 layout (fp16 safetensors, ~450 MB) to `path`, its
+    UNet built with `unet_config` (default: TINY_SD15_UNET)."""
     import torch
 
     import comfy.supported_models
@@ -70,7 +79,7 @@ def build_tiny_sd15(path: Path, seed: int = TINY_SEED) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        config = comfy.supported_models.SD15(dict(TINY_SD15_UNET))
+        config = comfy.supported_models.SD15(dict(unet_config or TINY_SD15_UNET))
         unet = config.get_model({}, device="cpu").diffusion_model
         clip = config.clip_target().clip(device="cpu", dtype=torch.float32)
         vae = AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
@@ -92,11 +101,10 @@ def build_tiny_sd15(path: Path, seed: int = TINY_SEED) -> Path:
     return path
 
 
-def tiny_checkpoint(folder: Path = CHECKPOINTS_DIR) -> Path:
-    """The tiny checkpoint in `folder`, built on first use (about 10 s) and reused after."""
+def _cached(path: Path, unet_config: dict) -> Path:
+    """`path` if it holds a checkpoint of this format, else built there (about 10 s)."""
     from safetensors import safe_open
 
-    path = folder / TINY_NAME
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -104,7 +112,17 @@ def tiny_checkpoint(folder: Path = CHECKPOINTS_DIR) -> Path:
                     return path
         except Exception:  # truncated or foreign file: rebuild it
             pass
-    return build_tiny_sd15(path)
+    return build_tiny_sd15(path, unet_config=unet_config)
+
+
+def tiny_checkpoint(folder: Path = CHECKPOINTS_DIR) -> Path:
+    """The tiny checkpoint in `folder`, built on first use (about 10 s) and reused after."""
+    return _cached(folder / TINY_NAME, TINY_SD15_UNET)
+
+
+def tiny_mask_checkpoint(folder: Path = CHECKPOINTS_DIR) -> Path:
+    """The tiny checkpoint with TINY_MASK_UNET's three-level UNet in `folder`, built on first use."""
+    return _cached(folder / TINY_MASK_NAME, TINY_MASK_UNET)
 
 
 # -- in-memory models ------------------------------------------------------------------------------

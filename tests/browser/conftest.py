@@ -40,10 +40,14 @@ def comfy_server(tmp_path_factory):
     from comfy_server import host_dir
 
     ckpt = comfy_host.tiny_sd15_checkpoint_path()
+    # the tiny model whose UNet has cross-attention at a quarter of the latent (mask_from attention)
+    mask_ckpt = comfy_host.tiny_mask_checkpoint_path()
     base = tmp_path_factory.mktemp("comfyui-base")
     prepare_base_dir(base, ckpt)
+    (base / "models" / "checkpoints" / mask_ckpt.name).symlink_to(mask_ckpt)
     server = Server(host_dir(), base)
     server.ckpt_name = ckpt.name
+    server.mask_ckpt_name = mask_ckpt.name
     try:
         server.wait_ready()
         yield server

@@ -34,7 +34,7 @@ import pytest
 from harness.host import (CACHE_DIR, PACK_NAME, PACK_ROOT, host_on_path, load_custom_node,  # noqa: F401
                           prepare_host, start_prompt_server)
 from harness.prompts import PromptExecutionError, PromptValidationError, execute_prompt  # noqa: F401
-from harness.tiny import CHECKPOINTS_DIR, tiny_checkpoint
+from harness.tiny import CHECKPOINTS_DIR, tiny_checkpoint, tiny_mask_checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +69,23 @@ def tiny_sd15_checkpoint_path() -> Path:
     path = CHECKPOINTS_DIR / TINY_NAME
     fresh = not path.is_file()
     path = tiny_checkpoint(CHECKPOINTS_DIR)
+    try:
+        check_sd15(path, full=fresh)
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def tiny_mask_checkpoint_path() -> Path:
+    """Build (once) and return the tiny checkpoint whose UNet has cross-attention at a quarter of the
+    latent (harness.tiny's TINY_MASK_UNET); check that it loads as SD15 / EPS."""
+    prepare_host()
+    from harness.tiny import TINY_MASK_NAME
+
+    path = CHECKPOINTS_DIR / TINY_MASK_NAME
+    fresh = not path.is_file()
+    path = tiny_mask_checkpoint(CHECKPOINTS_DIR)
     try:
         check_sd15(path, full=fresh)
     except Exception:
