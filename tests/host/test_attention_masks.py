@@ -19,14 +19,14 @@ import comfy.samplers
 
 from families import one_thread  # noqa: F401  (fixture)
 from harness.pack import concept_inputs, node_output, pack_module
-from harness.tiny import TINY_SD15_UNET
+from harness.tiny import TINY_MASK_UNET
 from sega_testlib import cond, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-5  # float32
 # the tiny SD1.5 UNet with three levels; cross-attention only on the deepest, a quarter of the latent
-MASK_UNET = dict(TINY_SD15_UNET, num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1], transformer_depth=[0, 0, 1],
-                 transformer_depth_output=[0, 0, 0, 0, 1, 1])
+# (the browser tests' sega-tiny-sd15-mask checkpoint has the same layout)
+MASK_UNET = TINY_MASK_UNET
 SIZE = 32  # latent side: 8x8 attention maps
 STEPS, SKIP, SEED = 6, 0.15, 3
 
