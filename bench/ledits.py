@@ -179,12 +179,12 @@ def main(argv=None) -> int:
     pack_bytes, ref_bytes, zs_shape = mem
     latent = 4 * zs_shape[1:].numel()  # one float32 latent
     n = zs_shape[0]
-    pack_formula = (n + 2) * latent + (n + 1) * 4  # zs, start, correction; sigmas
+    pack_formula = (n + 3) * latent + (n + 1) * 4  # zs, start, correction, the photo's latent; sigmas
     ref_formula = (2 * n + 1) * latent  # zs; the N + 1 intermediate latents behind init_latents
     if (pack_bytes, ref_bytes) != (pack_formula, ref_formula):
         failures.append(f"inversion bytes {pack_bytes} / {ref_bytes}, formula {pack_formula} / {ref_formula}")
     xl_latent = 4 * torch.Size(SDXL_LATENT).numel()
-    xl_pack = (SDXL_STEPS + 2) * xl_latent + (SDXL_STEPS + 1) * 4
+    xl_pack = (SDXL_STEPS + 3) * xl_latent + (SDXL_STEPS + 1) * 4
     xl_ref = (2 * SDXL_STEPS + 1) * xl_latent
     mem_table = [
         [f"measured: {steps} steps, latent (1, 4, {size}, {size})", f"{pack_bytes:,} B", f"{ref_bytes:,} B",
@@ -218,9 +218,9 @@ def main(argv=None) -> int:
         f"concepts rows): the pack's edit then reconstructs the photo exactly, diffusers' does not, so the "
         f"latents differ in that case by design. The pack computes only the concepts acting at a step; "
         f"diffusers computes every concept at every step. Memory: the pack keeps the noise maps, the start, "
-        f"the correction and the sigmas ((N + 2) latents); the pipeline keeps its noise maps and, through "
-        f"init_latents (a view), all N + 1 intermediate latents ((2N + 1) latents). Row counts and bytes "
-        f"are exact: a FAIL exits with status 1.")
+        f"the correction, the photo's latent and the sigmas ((N + 3) latents); the pipeline keeps its noise "
+        f"maps and, through init_latents (a view), all N + 1 intermediate latents ((2N + 1) latents). Row "
+        f"counts and bytes are exact: a FAIL exits with status 1.")
     _common.finish(args, _common.section("5. LEDITS++ photo edits: pack against diffusers on the same UNet",
                                          body, notes))
     if failures:
