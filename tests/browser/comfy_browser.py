@@ -9,6 +9,7 @@ is ever downloaded, and every page request that is not to the local server is ab
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,20 @@ STOCK_CONSOLE_ERRORS = ("ComfyApp graph accessed before initialization",)
 def is_stock_console_error(text: str, server_url: str) -> bool:
     if any(s in text for s in STOCK_CONSOLE_ERRORS):
         return True
+    # the frontend's own code reaching for the internet (seen: a model download link of its templates,
+    # now and then while a page loads): the page allows only the local server, so the browser refuses
+    # the connection and logs it. Not when the code is an extension's (served under /extensions/).
+    target = re.search(r"https?://[^\s'\"\]]+", text)
+    if ("Content Security Policy" in text and target and not target.group().startswith(server_url)
+            and "/extensions/" not in text):
+        return True
     return "status of 404" in text and text.endswith(f"[{server_url}/user.css]")
+
+
+def console_errors(console: list, server_url: str, since: int = 0) -> list:
+    """The page's errors logged since entry `since` of `console`, less those of a stock page."""
+    return [(t, text) for t, text in console[since:]
+            if t in ("error", "pageerror") and not is_stock_console_error(text, server_url)]
 
 
 def chromium_path() -> str | None:
@@ -89,3 +103,32 @@ def open_page(browser, server: Server, console: list | None = None, viewport=(12
     page.wait_for_function("() => !!(window.app?.extensionManager && window.app?.graph)", timeout=60000)
     page.evaluate("() => new Promise(r => requestAnimationFrame(() => r()))")
     return page
+
+
+def node_screenshots(page, node_id: int, page_path: Path, node_path: Path):
+    """Screenshots of the page (page_path) and of node `node_id` with its title and a margin of 8
+    graph units (node_path). Returns `tile_pixels(tile)`: the grayscale pixels of the page's
+    screenshot inside a preview tile (x, y, w, h in the node's units, as maskPreview reports them)."""
+    from PIL import Image
+
+    box = page.evaluate("""(id) => { const n = app.graph.getNodeById(id); const ds = app.canvas.ds;
+        const r = app.canvas.canvas.getBoundingClientRect(); const t = LiteGraph.NODE_TITLE_HEIGHT;
+        return {left: r.left, top: r.top, scale: ds.scale, ox: ds.offset[0], oy: ds.offset[1],
+                x: n.pos[0], y: n.pos[1], w: n.size[0], h: n.size[1], title: t}; }""", node_id)
+    s = box["scale"]
+
+    def to_screen(x, y):
+        return box["left"] + (box["x"] + x + box["ox"]) * s, box["top"] + (box["y"] + y + box["oy"]) * s
+
+    page.screenshot(path=str(page_path))
+    left, top = to_screen(-8, -box["title"] - 8)
+    right, bottom = to_screen(box["w"] + 8, box["h"] + 8)
+    page.screenshot(path=str(node_path), clip={"x": left, "y": top, "width": right - left, "height": bottom - top})
+    image = Image.open(page_path).convert("L")
+
+    def tile_pixels(tile: dict) -> list:
+        x0, y0 = to_screen(tile["x"] + 1.5, tile["y"] + 1.5)
+        x1, y1 = to_screen(tile["x"] + tile["w"] - 1.5, tile["y"] + tile["h"] - 1.5)
+        return list(image.crop((round(x0), round(y0), round(x1), round(y1))).tobytes())
+
+    return tile_pixels

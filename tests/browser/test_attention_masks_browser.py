@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_browser import PACK_NAME, open_page, why_no_browser
+from comfy_browser import PACK_NAME, console_errors, node_screenshots, open_page, why_no_browser
 from harness.workflow import small_run
 
 _missing = why_no_browser()
@@ -46,8 +46,6 @@ def test_mask_from_three_modes_preview(page_and_console, comfy_server, artifacts
     with its mode: the run succeeds, the preview shows an active tile for each at the last step, the
     attention tile differs from the implicit one, intersect keeps only positions of the attention
     mask and no more than either; screenshot of the node's preview."""
-    from PIL import Image
-
     page, console = page_and_console
     before = len(console)
     out = artifacts_dir / "readme"
@@ -89,30 +87,12 @@ def test_mask_from_three_modes_preview(page_and_console, comfy_server, artifacts
     assert preview["steps"] == STEPS
     assert [t["label"] for t in preview["tiles"]] == list(MODES)
     assert all(t["active"] for t in preview["tiles"])
-    box = page.evaluate("""() => { const n = app.graph.getNodeById(13); const ds = app.canvas.ds;
-        const r = app.canvas.canvas.getBoundingClientRect(); const t = LiteGraph.NODE_TITLE_HEIGHT;
-        return {left: r.left, top: r.top, scale: ds.scale, ox: ds.offset[0], oy: ds.offset[1],
-                x: n.pos[0], y: n.pos[1], w: n.size[0], h: n.size[1], title: t}; }""")
-    s = box["scale"]
-
-    def to_screen(x, y):
-        return box["left"] + (box["x"] + x + box["ox"]) * s, box["top"] + (box["y"] + y + box["oy"]) * s
-
-    page_shot = artifacts_dir / "attention-masks-page.png"
-    page.screenshot(path=str(page_shot))
-    left, top = to_screen(-8, -box["title"] - 8)
-    right, bottom = to_screen(box["w"] + 8, box["h"] + 8)
     shot = out / "attention-masks-preview.png"
-    page.screenshot(path=str(shot), clip={"x": left, "y": top, "width": right - left, "height": bottom - top})
+    tile_pixels = node_screenshots(page, 13, artifacts_dir / "attention-masks-page.png", shot)
     print(f"attention masks preview: {shot}")
 
-    image = Image.open(page_shot).convert("L")
-
     def kept(tile):
-        x0, y0 = to_screen(tile["x"] + 1.5, tile["y"] + 1.5)
-        x1, y1 = to_screen(tile["x"] + tile["w"] - 1.5, tile["y"] + tile["h"] - 1.5)
-        pixels = image.crop((round(x0), round(y0), round(x1), round(y1)))
-        return [p >= 128 for p in pixels.tobytes()]
+        return [p >= 128 for p in tile_pixels(tile)]
 
     implicit, attention, intersect = (kept(t) for t in preview["tiles"])
     assert len(implicit) == len(attention) == len(intersect)
@@ -125,4 +105,4 @@ def test_mask_from_three_modes_preview(page_and_console, comfy_server, artifacts
     outside = sum(c and not a for c, a in zip(intersect, attention)) / n
     assert outside < 0.01, (outside, share)
     assert share[2] <= min(share[0], share[1]) + 0.01, share
-    assert not [c for c in console[before:] if c[0] in ("error", "pageerror")]
+    assert not console_errors(console, comfy_server.url, before)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_browser import PACK_NAME, is_stock_console_error, open_page, why_no_browser
+from comfy_browser import PACK_NAME, console_errors, node_screenshots, open_page, why_no_browser
 from harness.workflow import small_run, ui_to_api
 
 _missing = why_no_browser()
@@ -94,8 +94,7 @@ def test_examples_exist_and_are_listed(comfy_server):
 def test_page_loads_without_console_errors(page_and_console, comfy_server):
     page, console, bad = page_and_console
     assert page.evaluate("() => !!LiteGraph.registered_node_types['SEGAConcept']")
-    errors = [(t, text) for t, text in console
-              if t in ("error", "pageerror") and not is_stock_console_error(text, comfy_server.url)]
+    errors = console_errors(console, comfy_server.url)
     assert not errors, (errors, bad)
 
 
@@ -116,7 +115,7 @@ def test_example_loads_converts_and_runs(page_and_console, comfy_server, artifac
     types = {n["class_type"] for n in prompt.values()}
     assert types & SEGA_NODES, types
     assert len(converted["workflow"]["nodes"]) == len(wf["nodes"])
-    errors = [c for c in console[before:] if c[0] in ("error", "pageerror")]
+    errors = console_errors(console, comfy_server.url, before)
     assert not errors, errors
 
     # run_sega.py's converter (the README's first command runs a shipped workflow with it) gives
@@ -164,7 +163,7 @@ def test_concept_window_extension(page_and_console, comfy_server):
     spec = comfy_server.get_json("/api/object_info/SEGAConcept")["SEGAConcept"]["input"]
     inputs = {*spec["required"], *spec.get("optional", {})}  # the node's own inputs, nothing from js/
     assert concepts and all(set(n["inputs"]) <= inputs for n in concepts)
-    assert not [c for c in console[before:] if c[0] in ("error", "pageerror")]
+    assert not console_errors(console, comfy_server.url, before)
 
 
 # A concept label that would run script or make elements if it were ever inserted as HTML.
@@ -176,8 +175,6 @@ def test_mask_preview_draws_each_concept(page_and_console, comfy_server, artifac
     """js/sega_mask_preview.js: while sampling, the SEGA KSampler node shows one tile per concept (the
     positions its threshold keeps), labelled with the concept's text as literal text; the tiles'
     pixels are checked in a screenshot; the prompt and the workflow get nothing from it."""
-    from PIL import Image
-
     page, console, _ = page_and_console
     try:
         comfy_server.get(PREVIEW_JS)
@@ -229,28 +226,9 @@ def test_mask_preview_draws_each_concept(page_and_console, comfy_server, artifac
     }""", arg=PREVIEW_JS, timeout=30000).json_value()
     assert [t["label"] for t in preview["tiles"]] == [HTML_LABEL, "glasses", "everywhere"]
     assert [t["active"] for t in preview["tiles"]] == [True, False, True]  # glasses cooled down at the last step
-    box = page.evaluate("""() => { const n = app.graph.getNodeById(13); const ds = app.canvas.ds;
-        const r = app.canvas.canvas.getBoundingClientRect(); const t = LiteGraph.NODE_TITLE_HEIGHT;
-        return {left: r.left, top: r.top, scale: ds.scale, ox: ds.offset[0], oy: ds.offset[1],
-                x: n.pos[0], y: n.pos[1], w: n.size[0], h: n.size[1], title: t}; }""")
-    s = box["scale"]
-
-    def to_screen(x, y):
-        return box["left"] + (box["x"] + x + box["ox"]) * s, box["top"] + (box["y"] + y + box["oy"]) * s
-
-    shot = artifacts_dir / "mask-preview.png"
-    page.screenshot(path=str(shot))
-    left, top = to_screen(-8, -box["title"] - 8)
-    right, bottom = to_screen(box["w"] + 8, box["h"] + 8)
-    node_shot = artifacts_dir / "mask-preview-node.png"
-    page.screenshot(path=str(node_shot), clip={"x": left, "y": top, "width": right - left, "height": bottom - top})
+    shot, node_shot = artifacts_dir / "mask-preview.png", artifacts_dir / "mask-preview-node.png"
+    tile_pixels = node_screenshots(page, 13, shot, node_shot)
     print(f"mask preview screenshots: {shot} and {node_shot}")
-    image = Image.open(shot).convert("L")
-
-    def tile_pixels(tile):
-        x0, y0 = to_screen(tile["x"] + 1.5, tile["y"] + 1.5)
-        x1, y1 = to_screen(tile["x"] + tile["w"] - 1.5, tile["y"] + tile["h"] - 1.5)
-        return list(image.crop((round(x0), round(y0), round(x1), round(y1))).tobytes())
 
     kept, cooled, everywhere = (tile_pixels(t) for t in preview["tiles"])
     assert preview["tiles"][0]["w"] > preview["tiles"][0]["h"]  # 128x96: the latent's aspect
@@ -272,7 +250,7 @@ def test_mask_preview_draws_each_concept(page_and_console, comfy_server, artifac
     original = next(n for n in converted["workflow"]["nodes"] if n["id"] == 13)
     assert node["widgets_values"] == original["widgets_values"]
     assert set(node) == set(original)
-    assert not [c for c in console[before:] if c[0] in ("error", "pageerror")]
+    assert not console_errors(console, comfy_server.url, before)
 
 
 def test_mask_preview_on_the_guider(page_and_console, comfy_server):
@@ -295,7 +273,7 @@ def test_mask_preview_on_the_guider(page_and_console, comfy_server):
     assert preview["steps"] == STEPS and preview["tiles"][0]["active"]
     assert page.evaluate("async (url) => (await import(url)).maskPreview(app.graph.getNodeById(12))",
                          PREVIEW_JS) is None  # not on SamplerCustomAdvanced
-    assert not [c for c in console[before:] if c[0] in ("error", "pageerror")]
+    assert not console_errors(console, comfy_server.url, before)
 
 
 def toasts(page) -> list:

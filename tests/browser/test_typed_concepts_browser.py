@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_browser import PACK_NAME, is_stock_console_error, open_page, why_no_browser
+from comfy_browser import PACK_NAME, console_errors, open_page, why_no_browser
 
 _missing = why_no_browser()
 if _missing:
@@ -41,8 +41,7 @@ def test_sega_prompt_text_reaches_the_prompt_as_typed(page_and_console, comfy_se
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     sega_prompt = [n for n in prompt.values() if n["class_type"] == "SEGAPrompt"]
     assert len(sega_prompt) == 1 and sega_prompt[0]["inputs"]["text"] == typed
-    errors = [c for c in console if c[0] in ("error", "pageerror")]
-    assert not [e for e in errors if not is_stock_console_error(e[1], comfy_server.url)], errors
+    assert not console_errors(console, comfy_server.url)
 
 
 BADGES_JS = """async (cases) => {
