@@ -92,8 +92,6 @@ def main(argv=None) -> int:
     repeats = args.repeats or (1 if args.quick else 5)
 
     _comfy.start()
-    import torch
-
     model = build_model()
     pos, neg, concept = clip_like(1), clip_like(2), clip_like(3)
     modes = ["implicit", "attention", "intersect"]

@@ -17,7 +17,7 @@ evaluates [positive, negative, concept rows...] (indices 2, 3, ...), the photo g
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 

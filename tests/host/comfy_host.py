@@ -34,7 +34,7 @@ import pytest
 from harness.host import (CACHE_DIR, PACK_NAME, PACK_ROOT, host_on_path, load_custom_node,  # noqa: F401
                           prepare_host, start_prompt_server)
 from harness.prompts import PromptExecutionError, PromptValidationError, execute_prompt  # noqa: F401
-from harness.tiny import CHECKPOINTS_DIR, tiny_checkpoint, tiny_mask_checkpoint
+from harness.tiny import CHECKPOINTS_DIR, TINY_MASK_NAME, TINY_NAME, tiny_checkpoint, tiny_mask_checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,29 +63,21 @@ class TinyCheckpoint:
 
 def tiny_sd15_checkpoint_path() -> Path:
     """Build (once) and return the tiny checkpoint (harness.tiny's builder); check that it loads as SD15."""
-    prepare_host()
-    from harness.tiny import TINY_NAME
-
-    path = CHECKPOINTS_DIR / TINY_NAME
-    fresh = not path.is_file()
-    path = tiny_checkpoint(CHECKPOINTS_DIR)
-    try:
-        check_sd15(path, full=fresh)
-    except Exception:
-        path.unlink(missing_ok=True)
-        raise
-    return path
+    return _checked(TINY_NAME, tiny_checkpoint)
 
 
 def tiny_mask_checkpoint_path() -> Path:
     """Build (once) and return the tiny checkpoint whose UNet has cross-attention at a quarter of the
     latent (harness.tiny's TINY_MASK_UNET); check that it loads as SD15 / EPS."""
-    prepare_host()
-    from harness.tiny import TINY_MASK_NAME
+    return _checked(TINY_MASK_NAME, tiny_mask_checkpoint)
 
-    path = CHECKPOINTS_DIR / TINY_MASK_NAME
-    fresh = not path.is_file()
-    path = tiny_mask_checkpoint(CHECKPOINTS_DIR)
+
+def _checked(name: str, build) -> Path:
+    """`build(CHECKPOINTS_DIR)`'s checkpoint `name`, loaded to check it is SD15 / EPS (with its CLIP and
+    VAE when it was just built); a file that fails is removed, so the next run builds it again."""
+    prepare_host()
+    fresh = not (CHECKPOINTS_DIR / name).is_file()
+    path = build(CHECKPOINTS_DIR)
     try:
         check_sd15(path, full=fresh)
     except Exception:
