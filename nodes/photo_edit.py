@@ -143,6 +143,7 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         self.tally = tally  # gather the kept positions for a concept_masks output
         self.watch: Optional[MaskWatch] = None  # the last run's MaskWatch
         self.capture = None  # the run's AttentionCapture when a concept's mask_from needs its attention map
+        self._fitted = None  # (shape, device, dtype) and the user masks resized to that latent
         if plan.attention:
             attention_masks.check_model(m, plan, lambda c: f"{node}: {specs[c].describe(c)}")
             attention_masks.install(m)
@@ -229,9 +230,13 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         self.watch.add(step, self.inversion.steps, rows, active, kept, weights)
 
     def _masks(self, x):
+        """The concepts' user masks resized to x's latent, once per shape, device and dtype (not per step)."""
         if all(s.mask is None for s in self.specs):
             return None
-        return [None if s.mask is None else _fit_mask(s.mask, x) for s in self.specs]
+        key = (x.shape, x.device, x.dtype)
+        if self._fitted is None or self._fitted[0] != key:
+            self._fitted = (key, [None if s.mask is None else _fit_mask(s.mask, x) for s in self.specs])
+        return self._fitted[1]
 
 
 def photo_guider(model, inversion, concepts, combination: str, node: str, preview: Optional[PreviewTarget] = None,
