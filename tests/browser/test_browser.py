@@ -276,6 +276,16 @@ def test_mask_preview_on_the_guider(page_and_console, comfy_server):
     assert not console_errors(console, comfy_server.url, before)
 
 
+def install_example_checkpoint(comfy_server, wf: dict) -> str:
+    """The checkpoint name the example's Load Checkpoint names, present on the server (the tiny model
+    under that name), so the page shows no missing-model warning; returns the name."""
+    name = next(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    installed = comfy_server.base / "models" / "checkpoints" / name
+    if not installed.exists():
+        installed.symlink_to(comfy_server.base / "models" / "checkpoints" / comfy_server.ckpt_name)
+    return name
+
+
 def toasts(page) -> list:
     """The messages the page shows as toasts (a missing model, an error), less the schema warning an
     older frontend (v0.8.0's) gives for the fields a newer one saves in the examples: the README's
@@ -294,10 +304,7 @@ def test_readme_pictures(page_and_console, comfy_server, artifacts_dir):
     out.mkdir(exist_ok=True)
     # the examples' checkpoint name, present on the server (the tiny model under that name)
     example = json.loads((WORKFLOWS_DIR / "01-add-concept-portrait-sd15.json").read_text())
-    ckpt_name = next(n["widgets_values"][0] for n in example["nodes"] if n["type"] == "CheckpointLoaderSimple")
-    installed = comfy_server.base / "models" / "checkpoints" / ckpt_name
-    if not installed.exists():
-        installed.symlink_to(comfy_server.base / "models" / "checkpoints" / comfy_server.ckpt_name)
+    ckpt_name = install_example_checkpoint(comfy_server, example)
     page.set_viewport_size({"width": 1280, "height": 760})
     try:
         page.evaluate("""async () => { await app.refreshComboInNodes();
@@ -361,10 +368,7 @@ def test_readme_photo_picture(page_and_console, comfy_server, artifacts_dir):
     if not shipped.is_file():
         pytest.skip(f"this ComfyUI has no input/{image}")
     shutil.copyfile(shipped, comfy_server.base / "input" / image)
-    ckpt_name = next(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple")
-    installed = comfy_server.base / "models" / "checkpoints" / ckpt_name
-    if not installed.exists():
-        installed.symlink_to(comfy_server.base / "models" / "checkpoints" / comfy_server.ckpt_name)
+    install_example_checkpoint(comfy_server, wf)
     page.set_viewport_size({"width": 1440, "height": 760})
     try:
         page.evaluate("""async () => { await app.refreshComboInNodes();
