@@ -33,8 +33,9 @@ class AttentionCapture:
 
     def __init__(self, diffusion_model: torch.nn.Module, model=None):
         self.diffusion_model = diffusion_model
-        # diffusers' SDXL pipeline intersects at every step; Flux has no reference: at every step too
-        self.always_intersect = _is_sdxl(model) or _is_flux(diffusion_model)
+        # diffusers' SDXL pipeline intersects at every step; the transformers (Flux, SD3, Wan) have no
+        # reference: at every step too
+        self.always_intersect = _is_sdxl(model) or not _is_unet(diffusion_model)
         self._index: Dict[int, int] = {}  # cond index in the evaluation -> plan concept
         self._sums: Dict[int, torch.Tensor] = {}  # concept -> (B, h*w) sum over layers and heads
         self._heads: Dict[int, int] = {}  # concept -> layers x heads summed
@@ -181,21 +182,30 @@ def joint_attention_patch(q, k, v, pe=None, attn_mask=None, extra_options=None):
 
 def check_model(model, plan, where) -> None:
     """A SEGAError naming the first concept that needs an attention map when `model` cannot give one:
-    only SD-style UNets (SD 1.x, 2.x, SDXL) and Flux can. Other models call their attention patch
-    hooks with other arguments (Wan's attn2_patch takes one dict), so the patch is never put on them."""
+    SD-style UNets (SD 1.x, 2.x, SDXL) and Flux through their attention patches, SD3 and Wan through
+    the optimized_attention_override (nodes.attention_override) can; no other model is patched."""
+    from . import attention_override
+
     dm = model.model.diffusion_model
-    if not plan.attention or _is_unet(dm) or _is_flux(dm):
+    if (not plan.attention or _is_unet(dm) or _is_flux(dm) or attention_override.is_mmdit(dm)
+            or attention_override.is_wan(dm)):
         return
     c = plan.attention[0]
     raise SEGAError(
         f"{where(c)}: mask_from '{plan.mask_from[c]}' needs the concept's cross-attention map, which this model "
-        f"({type(dm).__name__}) does not give: attention masks work with SD 1.x, SD 2.x, SDXL and Flux. "
+        f"({type(dm).__name__}) does not give: attention masks work with SD 1.x, SD 2.x, SDXL, SD3, Flux "
+        f"and Wan. "
         f"Use mask_from 'implicit' for this model.")
 
 
 def install(model) -> None:
     """Put the capture's patch on a (cloned) ModelPatcher, once: attn2_patch on UNets, Flux's
-    attn1_patch on Flux."""
+    attn1_patch on Flux, the optimized_attention_override on SD3 and Wan (nodes.attention_override)."""
+    from . import attention_override
+
+    if _uses_override(model.model.diffusion_model):
+        attention_override.install(model)
+        return
     name, patch = (("attn1_patch", joint_attention_patch) if _is_flux(model.model.diffusion_model)
                    else ("attn2_patch", attention_patch))
     patches = model.model_options.get("transformer_options", {}).get("patches", {}).get(name, [])
@@ -207,12 +217,17 @@ def start_capture(model_options: dict, model_patcher) -> AttentionCapture:
     """A fresh AttentionCapture in a sampling run's (cloned) model_options."""
     capture = AttentionCapture(model_patcher.model.diffusion_model, model_patcher.model)
     model_options.setdefault("transformer_options", {})[ATTN_KEY] = capture
+    if _uses_override(capture.diffusion_model):
+        # a node after SEGA's may have set its own override in place of SEGA's: chain it in this run
+        from . import attention_override
+
+        attention_override.chained(model_options)
     return capture
 
 
 def masks_for(maps: Dict[int, torch.Tensor], needed, plan, x: torch.Tensor, where) -> list:
     """Per concept of the plan: M1 at x's latent size (B, 1, H, W) for the concepts in `needed`, else
-    None. `where(c)` names concept c in the error when its map is missing."""
+    None; (B, 1, 1, H, W) for a video latent (B, C, T, H, W): one mask for every frame. `where(c)` names concept c in the error when its map is missing."""
     out = [None] * len(plan)
     for c in needed:
         m = maps.get(c)
@@ -221,9 +236,11 @@ def masks_for(maps: Dict[int, torch.Tensor], needed, plan, x: torch.Tensor, wher
                 f"{where(c)}: mask_from '{plan.mask_from[c]}' needs the concept's cross-attention map, but the "
                 f"model has no cross-attention layer at a quarter of the latent's size (UNet models: SD 1.x, "
                 f"SD 2.x, SDXL, with a latent of at least 8x8; Flux on a ComfyUI whose Flux blocks call attn1_patch, "
-                f"as v0.33.0 does), or the concept's conditioning has an area. "
+                f"as v0.33.0 does; SD3 and Wan through ComfyUI's optimized_attention_override, which another node "
+                f"may have replaced), or the concept's conditioning has an area. "
                 f"Use mask_from 'implicit' for this model.")
-        out[c] = attention_mask(m, plan.threshold[c], x.shape[-2:]).to(x.device)
+        mask = attention_mask(m, plan.threshold[c], x.shape[-2:]).to(x.device)
+        out[c] = mask.unsqueeze(2) if x.dim() == 5 else mask
     return out
 
 
@@ -249,6 +266,12 @@ def _is_flux(diffusion_model) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(diffusion_model, comfy.ldm.flux.model.Flux)
+
+
+def _uses_override(diffusion_model) -> bool:
+    from . import attention_override
+
+    return attention_override.is_mmdit(diffusion_model) or attention_override.is_wan(diffusion_model)
 
 
 def _is_sdxl(model) -> bool:

@@ -542,19 +542,22 @@ def test_flux_mask_lands_where_the_text_is_attended():
     assert torch.equal(mask, grid.repeat_interleave(2, 0).repeat_interleave(2, 1))
 
 
-@pytest.mark.parametrize("family", ["sd3", "wan"])
-def test_models_without_maps_are_refused_before_sampling(family):
-    """SD3 and Wan give no cross-attention map here (Wan's attn2_patch hook takes other arguments): SEGA
-    Apply refuses mask_from attention with a SEGAError naming the concept, and no patch is installed."""
-    from families import FAMILIES
+def test_models_without_maps_are_refused_before_sampling():
+    """A model family with no map here (AuraFlow: neither a UNet nor Flux, SD3 or Wan): SEGA Apply
+    refuses mask_from attention with a SEGAError naming the concept, and no patch is installed."""
+    import comfy.supported_models
 
-    fam = FAMILIES[family]
-    model = fam.build()
-    concepts = concepts_of({"c1": fam.cond(3)}, [("c1", {"mask_from": "intersect"})])
+    from harness.tiny import patcher
+
+    cfg = {"cond_seq_dim": 32, "dim": 32, "n_layers": 2, "n_double_layers": 1, "n_heads": 2, "global_conddim": 32,
+           "max_seq": 64, "dtype": torch.float32}
+    model = patcher(comfy.supported_models.AuraFlow(cfg).get_model({}))
+    concepts = concepts_of({"c1": text(3)}, [("c1", {"mask_from": "intersect"})])
     with pytest.raises(pack_module("nodes.errors").SEGAError,
-                       match=r"SEGA Apply: SEGA Concept 'c1': mask_from 'intersect'.*SD 1.x, SD 2.x, SDXL and Flux"):
+                       match=r"SEGA Apply: SEGA Concept 'c1': mask_from 'intersect'.*SD3, Flux and Wan"):
         pack_module("nodes.patch").apply_sega(model, concepts, 0.0, 0.4)
     assert attn2_patches(model) == []
+    assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
 
 
 def test_each_image_of_a_batch_gets_its_own_mask(pag_model):

@@ -1,0 +1,233 @@
+"""The concepts' attention maps on SD3 and Wan, observed through ComfyUI's optimized_attention_override.
+
+Neither family has an attention patch point that sees what the map needs: SD3's joint blocks call no
+per-attention patch, and Wan's attn2_patch gets only the block's output after cross-attention. Both
+call ComfyUI's `optimized_attention(q, k, v, heads=..., transformer_options=...)` for every attention
+of the model, and ComfyUI's `wrap_attn` hands each such call to
+`transformer_options["optimized_attention_override"]` as `override(func, *args, **kwargs)` when one
+is set. SEGA puts an `ObservingOverride` there, on its own clone of the model only (never the
+attention function of other models): it chains the override that was already set (another pack's:
+it is called exactly as before), and when the run's AttentionCapture waits for an evaluation it
+computes the concept rows' image-to-text attention sums from the call's q and k, then ALWAYS calls
+through (the earlier override, else the function it was given) and returns that result unchanged.
+
+What is captured (no reference exists for these families; the tests show the mask lands where the
+concept's tokens are attended):
+- SD3 / SD3.5 (MMDiT): every joint block's attention over [text, image] tokens (the call whose
+  sequence is longer than the image's tokens; SD3.5's extra image-only self-attention is left out).
+  The image tokens' softmax over all tokens, summed over the text positions (every one: CLIP and
+  T5 parts and padding, as the Flux path does), mean over heads and blocks. Map: the latent's patch
+  grid, ceil(H / 2) x ceil(W / 2).
+- Wan (2.1 / 2.2, text-to-video and image-to-video): every block's cross-attention to the text
+  (the block's second optimized_attention call, its third on image-to-video blocks, whose second
+  attends to the CLIP image tokens), softmax over the text tokens, summed over the prompt's own
+  tokens (its padding left out: the softmax runs over the text alone, so the sum over every position
+  is 1 everywhere), mean over heads and blocks. Map: the patch grid (T', ceil(H / 2), ceil(W / 2)) averaged over the
+  frames T', so one (h, w) map per image of the batch; its mask broadcasts over every frame.
+
+Cost: the override adds one Python call per attention call; while a concept row is captured, its
+map is computed separately (optimised kernels return no probabilities) in float32, a group of heads
+at a time so that no more than CHUNK_ELEMENTS probabilities are held at once.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..sega_core.attention import token_attention
+from .attention_masks import ATTN_KEY
+
+OVERRIDE_KEY = "optimized_attention_override"  # ComfyUI's key in transformer_options
+CHUNK_ELEMENTS = 1 << 26  # probabilities (float32) held at once by one map computation: 256 MiB
+
+
+class ObservingOverride:
+    """transformer_options["optimized_attention_override"] on a SEGA model clone: observes, never changes."""
+
+    def __init__(self, previous=None):
+        self.previous = previous  # the override that was set before (another pack's), called through
+        if hasattr(previous, "container_function"):
+            # calls with tensor containers go straight to the earlier override's container path, as
+            # ComfyUI's wrap_attn would send them without this one (SD3 and Wan pass plain tensors)
+            self.container_function = previous.container_function
+
+    def __call__(self, func, *args, **kwargs):
+        opts = kwargs.get("transformer_options")
+        capture = None if not isinstance(opts, dict) else opts.get(ATTN_KEY)
+        if capture is not None and capture.waiting:
+            observe(capture, args, kwargs)
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def chained(options: dict) -> None:
+    """Put an ObservingOverride in `options` (a model_options dict), chaining the override already
+    there; nothing when it is already one."""
+    opts = options.setdefault("transformer_options", {})
+    current = opts.get(OVERRIDE_KEY)
+    if not isinstance(current, ObservingOverride):
+        opts[OVERRIDE_KEY] = ObservingOverride(current)
+
+
+def install(model) -> None:
+    """The override on a (cloned) ModelPatcher's model_options, once."""
+    chained(model.model_options)
+
+
+def is_mmdit(diffusion_model) -> bool:
+    try:
+        import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(diffusion_model, mmdit.MMDiT)
+
+
+def is_wan(diffusion_model) -> bool:
+    try:
+        import comfy.ldm.wan.model as wan
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(diffusion_model, wan.WanModel)
+
+
+def observe(capture, args: tuple, kwargs: dict) -> None:
+    """Adds the concept rows' maps of one optimized_attention call to `capture` (when the call is one
+    the family's maps are taken from)."""
+    opts = kwargs["transformer_options"]
+    cond_or_uncond = opts.get("cond_or_uncond") or []
+    if not cond_or_uncond or capture._latent is None or not any(i in capture._index for i in cond_or_uncond):
+        return
+    if len(args) < 3 or not all(isinstance(t, torch.Tensor) for t in args[:2]):
+        return
+    q, k = args[0], args[1]
+    heads = kwargs.get("heads", args[3] if len(args) > 3 else None)
+    if heads is None:
+        return
+    heads = int(heads)
+    if kwargs.get("skip_reshape"):  # (B, heads, L, d) -> (B, L, heads * d)
+        q, k = (t.transpose(1, 2).flatten(2) for t in (q, k))
+    if q.dim() != 3 or k.dim() != 3:
+        return
+    dm = capture.diffusion_model
+    if is_wan(dm):
+        _wan(capture, dm, q, k, heads, opts, cond_or_uncond)
+    elif is_mmdit(dm):
+        _mmdit(capture, dm, q, k, heads, cond_or_uncond)
+
+
+def text_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: torch.Tensor) -> torch.Tensor:
+    """sega_core.attention.token_attention, a group of heads at a time: (B, Q) summed over the heads,
+    with at most CHUNK_ELEMENTS probabilities alive at once."""
+    d = q.shape[-1] // heads
+    group = max(1, min(heads, CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * k.shape[1])))
+    total = None
+    for h in range(0, heads, group):
+        g = min(group, heads - h)
+        s = token_attention(q[..., h * d:(h + g) * d], k[..., h * d:(h + g) * d], g, positions)
+        total = s if total is None else total + s
+    return total
+
+
+def _add(capture, concept: int, sums: torch.Tensor, heads: int) -> None:
+    capture._sums[concept] = sums if concept not in capture._sums else capture._sums[concept] + sums
+    capture._heads[concept] = capture._heads.get(concept, 0) + heads
+
+
+def _rows(q: torch.Tensor, cond_or_uncond: list, capture):
+    """(concept, rows slice) of each chunk of the call's batch that is a captured concept's."""
+    b = q.shape[0] // len(cond_or_uncond)
+    for chunk, index in enumerate(cond_or_uncond):
+        c = capture._index.get(index)
+        if c is not None:
+            yield c, slice(chunk * b, (chunk + 1) * b)
+
+
+def _grid(capture, patch: int) -> tuple:
+    h, w = capture._latent
+    return (h + patch - 1) // patch, (w + patch - 1) // patch
+
+
+def _mmdit(capture, dm, q, k, heads, cond_or_uncond) -> None:
+    """SD3: a joint block's attention over [text, image]: the image queries' attention to the text keys."""
+    patch = int(getattr(dm, "patch_size", 2))
+    hw = _grid(capture, patch)
+    n = hw[0] * hw[1]
+    txt = q.shape[1] - n
+    if txt < 1 or k.shape[1] != q.shape[1]:
+        return  # SD3.5's image-only self-attention, or a sequence that is not [text, image]
+    positions = capture.positions(txt, q.device, clip=False)
+    with torch.no_grad():
+        for c, rows in _rows(q, cond_or_uncond, capture):
+            _add(capture, c, text_attention(q[rows, txt:], k[rows], heads, positions), heads)
+    capture._hw = hw
+    capture.layers_seen += 1
+
+
+def _wan_text_call(dm, block: int) -> int:
+    """Which optimized_attention call of Wan block `block` attends to the text: 2 (after the
+    self-attention), 3 on image-to-video blocks (their 2nd attends to the CLIP image tokens); 0 for
+    blocks of another kind."""
+    import comfy.ldm.wan.model as wan
+
+    blocks = getattr(dm, "blocks", None)
+    if blocks is None or not 0 <= block < len(blocks):
+        return 0
+    cross = getattr(blocks[block], "cross_attn", None)
+    if isinstance(cross, wan.WanI2VCrossAttention):
+        return 3
+    if type(cross) is wan.WanT2VCrossAttention:
+        return 2
+    return 0
+
+
+def _prompt_positions(capture, concept: int, row: int, keys: torch.Tensor) -> torch.Tensor:
+    """The text positions of a Wan concept row's keys (T, C) that hold its prompt's tokens. Wan's
+    softmax runs over the text alone, so the sum over every position is 1 everywhere: the map is the
+    attention to the prompt's own tokens against its padding. ComfyUI's UMT5 encoder zeroes the padding
+    (to 512 tokens), so every padding position has the key of the last one; with fewer than two such
+    positions (no padding) every position counts (a uniform map). Found at the first captured layer of
+    a run, once per concept and image (one read-back), then reused."""
+    found = capture.__dict__.setdefault("_prompt_positions", {})
+    key = (concept, row, keys.shape[0])
+    pos = found.get(key)
+    if pos is None:
+        last = keys[-1].float()
+        same = (keys.float() - last).abs().amax(dim=-1) <= 1e-4 * (1.0 + last.abs().amax())
+        pos = torch.arange(keys.shape[0], device=keys.device)
+        if int(same.sum()) >= 2:
+            pos = pos[~same]
+        found[key] = pos
+    return pos
+
+
+def _wan(capture, dm, q, k, heads, opts, cond_or_uncond) -> None:
+    """Wan: a block's cross-attention to the text, told from its other calls by its place in the block
+    (the calls of one model evaluation share one transformer_options, in which the model sets
+    block_index before each block)."""
+    block = opts.get("block_index")
+    if block is None:
+        return
+    last = getattr(capture, "_wan_call", None)
+    count = last[2] + 1 if last is not None and last[0] is opts and last[1] == block else 1
+    capture._wan_call = (opts, block, count)
+    if count != _wan_text_call(dm, int(block)):
+        return
+    grid = opts.get("grid_sizes")
+    if grid is None or len(grid) != 3:
+        return
+    frames, hw = int(grid[0]), (int(grid[1]), int(grid[2]))
+    patch = tuple(int(p) for p in getattr(dm, "patch_size", (1, 2, 2)))
+    if hw != _grid(capture, patch[1]) or patch[1] != patch[2]:
+        return  # another latent (an area's crop)
+    n = frames * hw[0] * hw[1]
+    # the image tokens come first unless a reference latent's tokens precede them (Wan's ref_conv)
+    if q.shape[1] < n or (q.shape[1] != n and getattr(dm, "ref_conv", None) is not None):
+        return
+    with torch.no_grad():
+        for c, rows in _rows(q, cond_or_uncond, capture):
+            s = torch.cat([text_attention(q[r:r + 1, :n], k[r:r + 1], heads, _prompt_positions(capture, c, r - rows.start, k[r]))
+                           for r in range(rows.start, rows.stop)])  # (B, T' h w)
+            _add(capture, c, s.view(s.shape[0], frames, -1).mean(dim=1), heads)
+    capture._hw = hw
+    capture.layers_seen += 1
+
