@@ -33,6 +33,17 @@ from .schema import CATEGORY, schema
 # -- the replay sampler ----------------------------------------------------------------------------
 
 OUTSIDE_MASKS = ("as LEDITS++", "keep the photo")
+RECONSTRUCTION = ("exact", "as diffusers")
+
+
+def _check_reconstruction(node: str, reconstruction: str) -> None:
+    if reconstruction not in RECONSTRUCTION:
+        raise SEGAError(f"{node}: reconstruction must be 'exact' or 'as diffusers', got {reconstruction!r}.")
+
+
+def _reconstruction_input(tooltip: str, optional: bool = False):
+    return io.Combo.Input("reconstruction", options=list(RECONSTRUCTION), default=RECONSTRUCTION[0],
+                          optional=optional, tooltip=tooltip)
 
 
 def _outside_masks_input():
@@ -111,14 +122,20 @@ def replay_sampler(inversion: PhotoInversion, reconstruction: str = "exact", nod
 # -- the photo guider: uncond (or the inversion's source CFG) plus the concepts ---------------------
 
 class PhotoGuider(comfy.samplers.CFGGuider):
-    """A guider for replaying an inversion: the inversion's own base prediction (the uncond, or its
-    source-prompt CFG) plus the concepts' terms, combined as LEDITS++ ("ledits") or SEGA ("sega") does.
+    """A guider for replaying an inversion: the base prediction plus the concepts' terms, combined as
+    LEDITS++ ("ledits") or SEGA ("sega") does. The base is the inversion's own prediction (the uncond,
+    or with a source prompt its source-guided CFG) for the "exact" reconstruction, the uncond alone
+    "as diffusers" (whose edit drops the source prompt).
 
-    One model call per step with 1 (2 with a source prompt) + the concepts acting at that step rows.
+    One model call per step with the base rows (1, or 2 for a source prompt's exact reconstruction)
+    and the concepts acting at that step. On the first step the edit is at the inversion's start, on
+    its first noise level: with the inversion's model the base rows are the inversion's own first
+    predictions (PhotoInversion.first_step) and are not computed again.
     """
 
     def __init__(self, model_patcher, inversion: PhotoInversion, specs: list, plan: Plan, combination: str,
-                 node: str, preview: Optional[PreviewTarget] = None, tally: bool = False):
+                 node: str, preview: Optional[PreviewTarget] = None, tally: bool = False,
+                 reconstruction: str = "exact"):
         m = model_patcher.clone()
         remove_sega(m)
         super().__init__(m)
@@ -127,8 +144,10 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         self.plan = plan
         self.combination = combination
         self.node = node
+        # the source-guided base, as the inversion computed it; "as diffusers" edits from the uncond alone
+        self.source = bool(inversion.source) and reconstruction == "exact"
         conds = {"negative": inversion.uncond}
-        if inversion.source:
+        if self.source:
             conds["positive"] = inversion.source
         self.keys = []
         for i, spec in enumerate(specs):
@@ -138,6 +157,7 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds(conds)
         self.cfg = inversion.source_guidance
         self._sigmas = [float(s) for s in inversion.sigmas]
+        self._first = inversion.first_step.for_model(m) if inversion.first_step is not None else None
         self.rows_per_step: list = []  # model rows of each evaluation of the last run (for tests and benchmarks)
         self.preview = preview  # the node the page draws each concept's kept positions on
         self.tally = tally  # gather the kept positions for a concept_masks output
@@ -165,12 +185,23 @@ class PhotoGuider(comfy.samplers.CFGGuider):
             return plan.rows(step)
         return ledits.ledits_rows(plan, step)
 
+    def _known_base(self, x: torch.Tensor, timestep: torch.Tensor) -> Optional[list]:
+        """The base rows' denoised predictions when the inversion computed them already (at its start,
+        on its first noise level, with this model), else None."""
+        first = self._first
+        if first is None or float(timestep.flatten()[0]) != self._sigmas[0]:
+            return None
+        base = [first.uncond] + ([first.source] if self.source else [])
+        if any(t is None for t in base) or not torch.equal(x, self.inversion.start.to(x)):
+            return None
+        return [t.to(x) for t in base]
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         step = self._step(timestep)
         rows = self._rows(step)
-        base_conds = [self.conds.get("negative")]
-        if self.inversion.source:
-            base_conds.append(self.conds.get("positive"))
+        known = self._known_base(x, timestep)
+        base_conds = [] if known is not None else [self.conds.get("negative")] + (
+            [self.conds.get("positive")] if self.source else [])
         conds = base_conds + [self.conds[self.keys[c]] for c in rows]
         # concept k of `rows` is cond index len(base_conds) + k in this evaluation
         attn = {len(base_conds) + k: c for k, c in enumerate(rows) if c in self.plan.attention}
@@ -179,13 +210,15 @@ class PhotoGuider(comfy.samplers.CFGGuider):
                     attention_masks.ATTN_KEY) is not self.capture:
                 self.capture = attention_masks.start_capture(model_options, self.model_patcher)
             self.capture.begin(attn, x.shape[-2:])
-        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options) if conds else []
         maps = self.capture.end() if attn else None
         self.rows_per_step.append(len(conds) * x.shape[0])
-        uncond_denoised = out[0]
-        if self.inversion.source:
+        base = known if known is not None else out[:len(base_conds)]
+        uncond_denoised = base[0]
+        source_denoised = base[1] if self.source else uncond_denoised
+        if self.source:
             # CFG towards the source prompt, as the inversion computed it (the correct sign)
-            denoised = uncond_denoised + (out[1] - uncond_denoised) * self.cfg
+            denoised = uncond_denoised + (source_denoised - uncond_denoised) * self.cfg
         else:
             denoised = uncond_denoised
         outs = out[len(base_conds):]
@@ -216,8 +249,8 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         for fn in model_options.get("sampler_post_cfg_function", []):
             denoised = fn({"denoised": denoised, "cond": self.conds.get("positive"),
                            "uncond": self.conds.get("negative"), "cond_scale": self.cfg, "model": self.inner_model,
-                           "uncond_denoised": uncond_denoised, "cond_denoised": out[1] if self.inversion.source
-                           else uncond_denoised, "sigma": timestep, "model_options": model_options, "input": x})
+                           "uncond_denoised": uncond_denoised, "cond_denoised": source_denoised, "sigma": timestep,
+                           "model_options": model_options, "input": x})
         return denoised
 
     def _watch(self, step: int, rows: list, kept, masks) -> None:
@@ -240,11 +273,12 @@ class PhotoGuider(comfy.samplers.CFGGuider):
 
 
 def photo_guider(model, inversion, concepts, combination: str, node: str, preview: Optional[PreviewTarget] = None,
-                 tally: bool = False) -> PhotoGuider:
+                 tally: bool = False, reconstruction: str = "exact") -> PhotoGuider:
     if not isinstance(inversion, PhotoInversion):
         raise SEGAError(f"{node}: the inversion input must come from a SEGA Invert Photo node.")
     if combination not in ("ledits", "sega"):
         raise SEGAError(f"{node}: combination must be 'ledits' or 'sega', got {combination!r}.")
+    _check_reconstruction(node, reconstruction)
     inversion.check_model(node, model)
     specs = _chain(concepts)
     try:
@@ -267,7 +301,8 @@ def photo_guider(model, inversion, concepts, combination: str, node: str, previe
                     f"{node}: {spec.describe(i)}: its conditioning has an area, a mask or a timestep range "
                     f"(ConditioningSetArea / ConditioningSetMask / ConditioningSetTimestepRange), which photo edits "
                     f"do not support; use SEGA Concept's mask input and its warmup / cooldown instead.")
-    return PhotoGuider(model, inversion, specs, plan, combination, node, preview, tally)
+    return PhotoGuider(model, inversion, specs, plan, combination, node, preview, tally, reconstruction)
+
 
 
 def _combination_input():
@@ -301,11 +336,12 @@ class SEGAPhotoEdit(io.ComfyNode):
                 Inversion.Input("inversion", tooltip="From SEGA Invert Photo."),
                 _concepts_input(),
                 _combination_input(),
-                io.Combo.Input(
-                    "reconstruction", options=["exact", "as diffusers"], default="exact",
-                    tooltip="exact (default): the last step lands on the photo's own latent, so with no concept "
-                            "the output is the photo (float32, within 1e-4). as diffusers: the last step ends on "
-                            "the model's x0-prediction, as diffusers' LEDITS++ does (slightly softer)."),
+                _reconstruction_input(
+                    "exact (default): the last step lands on the photo's own latent, so with no concept the output "
+                    "is the photo (float32, within 1e-4); with a source prompt the edit keeps the inversion's "
+                    "source-guided prediction (one more model row per step). as diffusers: as diffusers' LEDITS++: "
+                    "the last step ends on the model's x0-prediction (slightly softer) and the edit starts from the "
+                    "uncond alone (with a source prompt the photo is then not reconstructed)."),
                 _outside_masks_input(),
             ],
             outputs=[
@@ -332,10 +368,10 @@ def photo_edit(model, inversion, concepts=None, combination: str = "ledits", rec
                preview: Optional[PreviewTarget] = None, outside_masks: str = "as LEDITS++") -> dict:
     """Edits an inverted photo: the LATENT. guider_out: a list that receives the PhotoGuider (its
     rows_per_step and the MaskWatch of the kept positions). outside_masks: as replay_sampler's."""
-    if reconstruction not in ("exact", "as diffusers"):
-        raise SEGAError(f"{node}: reconstruction must be 'exact' or 'as diffusers', got {reconstruction!r}.")
+    _check_reconstruction(node, reconstruction)
     _check_outside(node, outside_masks)
-    guider = photo_guider(model, inversion, concepts, combination, node, preview, tally=guider_out is not None)
+    guider = photo_guider(model, inversion, concepts, combination, node, preview, tally=guider_out is not None,
+                          reconstruction=reconstruction)
     if guider_out is not None:
         guider_out.append(guider)
     latent = torch.zeros(inversion.latent_shape, dtype=torch.float32)
@@ -377,15 +413,20 @@ class SEGAPhotoGuider(io.ComfyNode):
                                                      "form the base prediction."),
                 _concepts_input(),
                 _combination_input(),
+                _reconstruction_input(
+                    "Matters only with a source prompt; set it as on SEGA Inversion Sampler. exact (default): the "
+                    "base prediction is the inversion's source-guided one (one more model row per step), so the "
+                    "photo is reconstructed. as diffusers: the base is the uncond alone, as diffusers' LEDITS++ "
+                    "edit (the photo is then not reconstructed).", optional=True),
             ],
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
             hidden=[io.Hidden.unique_id, io.Hidden.dynprompt],
         )
 
     @classmethod
-    def execute(cls, model, inversion, combination, concepts=None) -> io.NodeOutput:
+    def execute(cls, model, inversion, combination, concepts=None, reconstruction="exact") -> io.NodeOutput:
         return io.NodeOutput(photo_guider(model, inversion, concepts, combination, "SEGA Photo Guider",
-                                          preview=preview_target(cls.hidden)))
+                                          preview=preview_target(cls.hidden), reconstruction=reconstruction))
 
 
 class SEGAInversionSampler(io.ComfyNode):
@@ -401,10 +442,9 @@ class SEGAInversionSampler(io.ComfyNode):
             search_aliases=["ledits sampler", "inversion replay", "replay noise"],
             inputs=[
                 Inversion.Input("inversion", tooltip="From SEGA Invert Photo."),
-                io.Combo.Input(
-                    "reconstruction", options=["exact", "as diffusers"], default="exact",
-                    tooltip="exact (default): the last step lands on the photo's own latent. as diffusers: it ends "
-                            "on the model's x0-prediction, as diffusers' LEDITS++ does."),
+                _reconstruction_input(
+                    "exact (default): the last step lands on the photo's own latent. as diffusers: it ends on the "
+                    "model's x0-prediction, as diffusers' LEDITS++ does. Set SEGA Photo Guider's alike."),
                 _outside_masks_input(),
             ],
             outputs=[io.Sampler.Output(tooltip="Replays the inversion; connect to SamplerCustomAdvanced."),
@@ -416,8 +456,7 @@ class SEGAInversionSampler(io.ComfyNode):
         node = "SEGA Inversion Sampler"
         if not isinstance(inversion, PhotoInversion):
             raise SEGAError(f"{node}: the inversion input must come from a SEGA Invert Photo node.")
-        if reconstruction not in ("exact", "as diffusers"):
-            raise SEGAError(f"{node}: reconstruction must be 'exact' or 'as diffusers', got {reconstruction!r}.")
+        _check_reconstruction(node, reconstruction)
         return io.NodeOutput(replay_sampler(inversion, reconstruction, node, outside_masks=outside_masks),
                              inversion.sigmas.clone())
 

@@ -59,14 +59,19 @@ class PhotoInversion:
     # the seed gives again) its chain, for SEGA Photo Edit's outside_masks "keep the photo". One latent
     # (1 / steps of zs' memory); None for an inversion made without it.
     photo: Optional[torch.Tensor] = None
+    # the model's predictions at the start (the first step), which an edit's first step reuses: the
+    # edit starts at `start`, on the same noise level, so with the same model its uncond (and source)
+    # rows would be computed again to the same values. None for an inversion made without it.
+    first_step: Optional["FirstStep"] = None
 
     @property
     def steps(self) -> int:
         return len(self.sigmas) - 1
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.start, self.zs, self.sigmas, self.correction, self.photo)
-                   if t is not None)
+        first = self.first_step.tensors() if self.first_step is not None else ()
+        return sum(t.numel() * t.element_size() for t in (self.start, self.zs, self.sigmas, self.correction, self.photo,
+                                                           *first) if t is not None)
 
     def draws(self) -> torch.Tensor:
         """The inversion's (N, *latent) standard normal draws again, from its seed (as SEGA Invert Photo drew
@@ -96,6 +101,42 @@ class PhotoInversion:
             raise SEGAError(
                 f"{node}: the sigmas are not the inversion's schedule (same {n} steps, other noise levels). "
                 f"Connect SEGA Inversion Sampler's sigmas output to the sampler.")
+
+
+@dataclass(frozen=True, eq=False)
+class FirstStep:
+    """The denoised predictions of the inversion's first model call, at `start` and the first noise level:
+    of the uncond and of the source prompt (each None where that call did not compute it; the uncond is
+    not computed with a source prompt at guidance 1). float32, on the CPU, in sampler space."""
+
+    model_key: tuple  # model_key() of the model that computed them
+    uncond: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+
+    def tensors(self) -> tuple:
+        return self.uncond, self.source
+
+    def for_model(self, model) -> Optional["FirstStep"]:
+        """These predictions when `model` computes what the inversion's model did, else None."""
+        return self if model_key(model) == self.model_key else None
+
+
+def model_key(model) -> tuple:
+    """What a ModelPatcher computes, as a comparable key: its weights (the patcher lineage's
+    patches_uuid, which a LoRA or any weight patch renews, and the model object) and its options (every
+    wrapper, patch and CFG function, by identity). A clone of the same MODEL has the same key; any
+    patch added or removed changes it."""
+    return model.patches_uuid, id(model.model), _identity(model.model_options)
+
+
+def _identity(value):
+    if isinstance(value, dict):
+        return tuple(sorted(((repr(k), _identity(v)) for k, v in value.items()), key=lambda kv: kv[0]))
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, tuple(_identity(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return "id", id(value)
 
 
 def _family(model) -> str:
@@ -270,6 +311,7 @@ def invert_photo(model, latent: dict, uncond, steps: int, skip: float, seed: int
 
     m = model.clone()
     remove_sega(m)  # a SEGA-patched model inverts as the plain model
+    first = _record_first_step(m, bool(source))
     guider = comfy.samplers.CFGGuider(m)
     if source:
         guider.set_conds(source, uncond)
@@ -289,7 +331,36 @@ def invert_photo(model, latent: dict, uncond, steps: int, skip: float, seed: int
         sigmas=sigmas, correction=correction.detach().to(cpu, torch.float32),
         latent_shape=tuple(samples.shape), family=_family(model), rule=rule, uncond=uncond,
         source=source if source else None, source_guidance=float(source_guidance) if source else 1.0,
-        skip=float(skip), seed=int(seed), zero_noise_steps=zero_steps, photo=photo.detach().to(cpu, torch.float32))
+        skip=float(skip), seed=int(seed), zero_noise_steps=zero_steps, photo=photo.detach().to(cpu, torch.float32),
+        first_step=first())
+
+
+def _record_first_step(m, source: bool):
+    """Has the inversion's model `m` keep its first call's uncond and source predictions (a post-CFG
+    function that only reads them); returns a function giving the FirstStep after sampling (None when
+    the model has pre-CFG functions, which change the predictions after the model call)."""
+    key = model_key(m)  # before the recorder is added: the key of the model as the edit receives it
+    if m.model_options.get("sampler_pre_cfg_function"):
+        return lambda: None
+    seen = []
+
+    def record(args):
+        if not seen:
+            # ComfyUI's cfg 1 shortcut computes the positive alone (args["uncond"] is None)
+            seen.append((args["uncond_denoised"] if args["uncond"] is not None else None, args["cond_denoised"]))
+        return args["denoised"]
+
+    m.set_model_sampler_post_cfg_function(record)
+
+    def first() -> Optional[FirstStep]:
+        if not seen:
+            return None
+        uncond, positive = (None if t is None else t.detach().to("cpu", torch.float32).clone() for t in seen[0])
+        if not source:  # the positive is the uncond itself
+            return FirstStep(key, uncond=positive)
+        return FirstStep(key, uncond=uncond, source=positive)
+
+    return first
 
 
 def _zeroed_correction(x0, sigmas, inv, seen: list, denoise, rule: str, zero_steps: int) -> torch.Tensor:

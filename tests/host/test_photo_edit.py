@@ -90,13 +90,14 @@ def test_every_family_edits_in_one_batched_call_per_step(name):
     assert torch.isfinite(out).all() and (out - lat["samples"]).abs().max() > 1e-3
 
 
-def test_inversion_memory_is_one_latent_per_step_plus_three():
-    """The inversion object holds N noise maps, the start, the correction and the photo's latent
-    (float32, CPU) and the schedule: for SDXL at 1024x1024 and 50 steps that is 53 latents of
-    4x128x128, 13.9 MB. The draws are not stored (the seed gives them again)."""
+def test_inversion_memory_is_one_latent_per_step_plus_four():
+    """The inversion object holds N noise maps, the start, the correction, the photo's latent and the
+    first step's uncond prediction (float32, CPU) and the schedule: for SDXL at 1024x1024 and 50 steps
+    that is 54 latents of 4x128x128, 14.2 MB (one more latent with a source prompt). The draws are not
+    stored (the seed gives them again)."""
     inv = invert("sdxl")
     latent_bytes = inv.start.numel() * 4
-    assert inv.nbytes() == (STEPS + 3) * latent_bytes + (STEPS + 1) * 4
+    assert inv.nbytes() == (STEPS + 4) * latent_bytes + (STEPS + 1) * 4
     assert inv.photo.shape == inv.start.shape
     assert inv.zs.dtype == torch.float32 and inv.zs.device.type == "cpu"
 
@@ -239,7 +240,9 @@ def test_remove_and_add_go_opposite_ways():
 
 
 def test_rows_per_step():
-    """1 row per inverted step (2 with a source prompt); per edit step 1 + the concepts acting."""
+    """1 row per inverted step (2 with a source prompt); per edit step the base (1; 2 for a source
+    prompt's exact reconstruction) + the concepts acting, except on the first step, whose base rows are
+    the inversion's own first predictions when the edit runs with the inversion's model."""
     name = "sd15"
     counter = RowCounter()
     m = counter.attach(model_of(name))
@@ -251,21 +254,57 @@ def test_rows_per_step():
     counter.rows.clear()
     concepts = concept_node(FAMILIES[name].cond(5), concepts=concept_node(FAMILIES[name].cond(4), warmup=2))
     edit(name, inv, concepts, model=m)
-    assert counter.rows == [2, 2, 3, 3]
+    assert counter.rows == [1, 2, 3, 3]
     counter.rows.clear()
     edit(name, inv_src, concepts, model=m)
-    assert counter.rows == [3, 3, 4, 4]
+    assert counter.rows == [1, 3, 4, 4]
+    counter.rows.clear()
+    edit(name, inv_src, concepts, model=m, reconstruction="as diffusers")  # diffusers' base: the uncond alone
+    assert counter.rows == [1, 2, 3, 3]
+    counter.rows.clear()
+    edit(name, inv, None, model=m)  # no model call on the first step: nothing left to compute there
+    assert counter.rows == [1] * (STEPS - 1)
+
+
+def test_first_step_reuses_the_inversions_predictions_only_for_its_model():
+    """The edit's first step takes its base rows from the inversion when the model is the inversion's:
+    the result equals the edit that computes them (within float rounding: the uncond is computed in a
+    batch of 1, not with the concept). Any other model (a patch added: here a post-CFG function)
+    computes them itself."""
+    name = "sd15"
+    lat = photo(name)
+    counter = RowCounter()
+    m = counter.attach(model_of(name))
+    concepts = concept_node(FAMILIES[name].cond(5), edit_scale=10.0)
+    for source in (None, FAMILIES[name].cond(6)):
+        inv = invert(name, lat, model=m, source=source)
+        assert inv.first_step is not None and inv.first_step.uncond is not None
+        assert (inv.first_step.source is not None) == (source is not None)
+        counter.rows.clear()
+        reused = edit(name, inv, concepts, model=m)
+        base = 2 if source is not None else 1
+        assert counter.rows[0] == 1 and counter.rows[1] == base + 1
+        other = m.clone()
+        other.set_model_sampler_post_cfg_function(lambda args: args["denoised"])
+        counter.rows.clear()
+        computed = edit(name, inv, concepts, model=other)
+        assert counter.rows[0] == base + 1
+        err = (reused - computed).abs().max().item()
+        assert err <= 1e-4, err  # float rounding of another batch composition (outputs up to 3.4)
+        assert (edit(name, inv, model=m) - lat["samples"]).abs().max() <= 1e-4  # still the photo
 
 
 def test_source_prompt_guides_towards_it_and_still_reconstructs():
     """CFG towards the source prompt with the correct sign (not SD LEDITS++'s swapped roles), and the
-    edit uses the same prediction, so the photo is still reconstructed exactly."""
+    edit uses the same prediction, so the photo is still reconstructed exactly. "as diffusers" edits
+    from the uncond alone, as diffusers' LEDITS++ does, and loses the photo as it does (its Quirk 10)."""
     name = "sd15"
     lat = photo(name)
     inv = invert(name, lat, source=FAMILIES[name].cond(6), source_guidance=3.5)
     assert inv.source is not None and inv.source_guidance == 3.5
     assert not torch.equal(inv.zs, invert(name, lat).zs)
     assert (edit(name, inv) - lat["samples"]).abs().max() <= 1e-4
+    assert (edit(name, inv, reconstruction="as diffusers") - lat["samples"]).abs().max() > 0.1
 
 
 def test_replay_sampler_equals_sega_core_replay():
