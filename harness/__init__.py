@@ -8,6 +8,7 @@
                      SEGA Concept node's inputs (`concept_inputs`)
   harness.workflow   UI-format workflows as API prompts (run_sega.py's side-by-side prompt, quick runs)
   harness.reference  stand-ins that run diffusers' SEGA pipeline offline, and a torch port of its step
+  harness.memory     a call's CPU allocations measured with torch.profiler (peak, largest)
 
 The Registry zip holds only what run_sega.py imports (host, prompts, tiny, pack, workflow; see
 .comfyignore); diffusers' pipelines with stand-in parts (reference.py, and LEDITS++'s

@@ -6,8 +6,8 @@ these functions with noise-space predictions.
 """
 from .concepts import Concept, Plan, SEGAValueError, concept_acts
 from .guidance import StepResult, sega_step, threshold_edit, quantile_threshold
-from .attention import (attention_mask, combine_masks, intersects, smooth, smoothing_kernel, token_attention,
-                        token_positions)
+from .attention import (attention_chunks, attention_mask, combine_masks, intersects, projected_token_attention,
+                        smooth, smoothing_kernel, token_attention, token_positions)
 from .ledits import (Inversion, draw_noises, dpmpp_2m_sde_step, euler_ancestral_rf_step, implicit_mask, invert,
                      ledits_guidance, ledits_rows, ledits_timesteps, noisy_latents, replay)
 
@@ -17,5 +17,5 @@ __all__ = ["Concept", "Plan", "SEGAValueError", "StepResult", "concept_acts", "s
            "Inversion", "draw_noises", "dpmpp_2m_sde_step", "euler_ancestral_rf_step", "implicit_mask", "invert",
            "ledits_guidance", "ledits_rows", "ledits_timesteps", "noisy_latents", "replay",
            # LEDITS++'s cross-attention masks (sega_core.attention)
-           "attention_mask", "combine_masks", "intersects", "smooth", "smoothing_kernel", "token_attention",
-           "token_positions"]
+           "attention_chunks", "attention_mask", "combine_masks", "intersects", "projected_token_attention", "smooth",
+           "smoothing_kernel", "token_attention", "token_positions"]

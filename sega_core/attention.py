@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,19 +49,110 @@ def token_positions(context_len: int, words: Optional[int] = None, device=None) 
     return (starts + 1 + torch.arange(per_chunk, device=device)).flatten()
 
 
-def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) of one cross-attention layer, summed over its heads and over the
-    token `positions`, at once: (B, Q) from q (B, Q, heads*d) and k (B, T, heads*d).
+def attention_chunks(heads: int, d: int, q_len: int, t_len: int, latent: Optional[int]) -> Tuple[int, int]:
+    """How `token_attention` splits one row's work: (heads per group, query positions per chunk), from
+    the sizes, so that what a chunk holds at once stays below `latent` elements (one row's latent,
+    C x H x W) whenever one head's keys do.
 
-    Computed in float32. Only this sum is kept, never the (B, heads, Q, T) probabilities beyond the
-    call; the caller divides the sum over layers by the number of heads x layers (the mean).
+    A group's keys (d x T per head, float32) are computed once and kept while its query chunks run;
+    they take at most a quarter of a latent (one head at least). Each chunk then holds its queries
+    (c x d per head) and their scores (c x T per head); the chunk gets half of what is left below one
+    latent: the largest chunk the memory target allows, so few chunks run. When one head's keys alone
+    are a latent or more (a latent so small that T x d exceeds it), a quarter of a latent.
+    `latent` None: everything at once (one group, one chunk).
+    """
+    if latent is None:
+        return heads, q_len
+    group = max(1, min(heads, (latent // 4) // max(1, t_len * d)))
+    keys = group * t_len * d
+    room = (latent - keys) // 2 if keys < latent else latent // 4
+    per_query = group * (d + t_len + 4)  # a query row, its scores, and the per-row max, sums and result
+    return group, max(1, min(q_len, room // per_query))
+
+
+def _selector(positions: torch.Tensor, t_len: int, device) -> torch.Tensor:
+    """A float32 (T,) vector with 1 at `positions`: the scores' sum over the positions as one product."""
+    sel = torch.zeros(t_len, dtype=torch.float32, device=device)
+    return sel.index_fill_(0, positions.to(device), 1.0)
+
+
+def _token_sum(rows: int, q_len: int, heads: int, d: int, t_len: int, positions: torch.Tensor, latent, device,
+               queries, keys) -> torch.Tensor:
+    """The (rows, Q) sum over heads and `positions` of softmax(q k^T / sqrt(d)), chunked by
+    `attention_chunks`: keys(r, h0, h1, scale) gives row r's float32 keys of heads h0..h1 times `scale`
+    (the scores' 1/sqrt(d), applied once per group) as a new (g, d, T) tensor, queries(r, h0, h1, c0, c1)
+    the float32 queries of those heads at query positions c0..c1 as (g, c, d)."""
+    group, chunk = attention_chunks(heads, d, q_len, t_len, latent)
+    out = torch.zeros(rows, q_len, dtype=torch.float32, device=device)
+    sel = _selector(positions, t_len, device)
+    scale = d ** -0.5
+    for r in range(rows):
+        for h0 in range(0, heads, group):
+            h1 = min(heads, h0 + group)
+            kt = keys(r, h0, h1, scale)
+            if h1 - h0 == 1:
+                kt = kt[0]  # one head: matrix products (fewer steps per chunk than batched ones)
+            for c0 in range(0, q_len, chunk):
+                c1 = min(q_len, c0 + chunk)
+                q = queries(r, h0, h1, c0, c1)
+                s = torch.matmul(q[0] if kt.dim() == 2 else q, kt)  # scores, (g, c, T) or (c, T)
+                del q
+                s.sub_(s.amax(dim=-1, keepdim=True)).exp_()  # softmax's numerators, in place
+                part = torch.matmul(s, sel).div_(s.sum(dim=-1))  # softmax summed over the positions
+                del s
+                out[r, c0:c1] += part if part.dim() == 1 else part.sum(dim=0)
+            del kt  # freed before the next group's keys are made
+    return out
+
+
+def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: torch.Tensor,
+                    latent: Optional[int] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) of one cross-attention layer, summed over its heads and over the
+    token `positions`: (B, Q) from q (B, Q, heads*d) and k (B, T, heads*d).
+
+    Computed in float32, in chunks of heads and query positions sized from `latent` (the elements of
+    one row's latent, C x H x W; see `attention_chunks`): never the (B, heads, Q, T) probabilities
+    at once. The caller divides the sum over layers by the number of heads x layers (the mean).
     """
     b, nq, inner = q.shape
     d = inner // heads
-    qh = q.float().view(b, nq, heads, d).transpose(1, 2)
-    kh = k.float().view(b, k.shape[1], heads, d).transpose(1, 2)
-    p = torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1)  # (B, heads, Q, T)
-    return p.index_select(-1, positions.to(p.device)).sum(dim=(1, 3))
+
+    def keys(r, h0, h1, scale):
+        kt = k[r, :, h0 * d:h1 * d].t().reshape(h1 - h0, d, k.shape[1])  # a view of k
+        return kt.to(torch.float32, copy=True).mul_(scale)
+
+    def queries(r, h0, h1, c0, c1):
+        return q[r, c0:c1, h0 * d:h1 * d].float().view(c1 - c0, h1 - h0, d).transpose(0, 1)
+
+    return _token_sum(b, nq, heads, d, k.shape[1], positions, latent, q.device, queries, keys)
+
+
+def projected_token_attention(x: torch.Tensor, context: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                              heads: int, positions: torch.Tensor, latent: Optional[int] = None,
+                              q_bias: Optional[torch.Tensor] = None,
+                              k_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`token_attention` of the layer's own projections q = x W_q^T (+ b_q), k = context W_k^T (+ b_k),
+    projected chunk by chunk: x (B, Q, C), context (B, T, C_ctx), q_weight (heads*d, C), k_weight
+    (heads*d, C_ctx). Neither q nor k of all heads is ever held: per chunk, the queries of its heads
+    and positions; per head group, its keys. The projections run in the inputs' dtype (as the layer
+    runs them), the rest in float32."""
+    b, nq, _ = x.shape
+    d = q_weight.shape[0] // heads
+    t_len = context.shape[1]
+
+    def keys(r, h0, h1, scale):
+        w = k_weight[h0 * d:h1 * d]  # (g*d, C_ctx), a view
+        kt = torch.matmul(w, context[r].t())  # (g*d, T): the keys, already transposed
+        if k_bias is not None:
+            kt += k_bias[h0 * d:h1 * d].unsqueeze(1)
+        return kt.float().mul_(scale).view(h1 - h0, d, t_len)  # .float(): a copy only from another dtype
+
+    def queries(r, h0, h1, c0, c1):
+        qc = torch.nn.functional.linear(x[r, c0:c1], q_weight[h0 * d:h1 * d],
+                                        None if q_bias is None else q_bias[h0 * d:h1 * d])
+        return qc.float().view(c1 - c0, h1 - h0, d).transpose(0, 1)
+
+    return _token_sum(b, nq, heads, d, t_len, positions, latent, x.device, queries, keys)
 
 
 def smoothing_kernel(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
