@@ -21,7 +21,8 @@ from typing import Dict
 
 import torch
 
-from ..sega_core.attention import attention_mask, intersects, token_attention, token_positions
+from ..sega_core.attention import (attention_mask, intersects, projected_token_attention, token_attention,
+                                   token_positions)
 from .errors import SEGAError
 
 ATTN_KEY = "sega_attention"  # the run's AttentionCapture, in its transformer_options
@@ -114,13 +115,16 @@ class AttentionCapture:
         heads = int(extra_options["n_heads"])
         b = n.shape[0] // len(cond_or_uncond)
         positions = self.positions(context.shape[1], n.device)
+        # the layer's projections, made chunk by chunk: what the capture holds stays below one latent
+        (wq, bq), (wk, bk) = _weights(attn.to_q, n), _weights(attn.to_k, context)
         with torch.no_grad():
             for chunk, index in enumerate(cond_or_uncond):
                 c = self._index.get(index)
                 if c is None:
                     continue
                 rows = slice(chunk * b, (chunk + 1) * b)
-                s = token_attention(attn.to_q(n[rows]), attn.to_k(context[rows]), heads, positions)
+                s = projected_token_attention(n[rows], context[rows], wq, wk, heads, positions,
+                                              int(shape[1]) * int(shape[2]) * int(shape[3]), bq, bk)
                 self._sums[c] = s if c not in self._sums else self._sums[c] + s
                 self._heads[c] = self._heads.get(c, 0) + heads
         self._hw = hw
@@ -250,6 +254,20 @@ def intersect_now(capture: AttentionCapture, model_patcher, sigma: float) -> boo
     if capture.always_intersect:
         return True
     return intersects(capture.timestep(model_patcher, sigma), False)
+
+
+def _weights(linear, x: torch.Tensor):
+    """(weight, bias) of a layer's Linear as its forward applies them to `x`: the parameters themselves,
+    or, when ComfyUI casts them as the layer runs (manual cast, low VRAM, weight patches applied on the
+    fly), comfy.ops' own cast, made once per captured layer as the layer's own call makes it."""
+    w = getattr(linear, "weight", None)
+    if (w is None or getattr(linear, "comfy_cast_weights", False) or getattr(linear, "weight_function", None)
+            or getattr(linear, "bias_function", None) or w.dtype != x.dtype or w.device != x.device):
+        import comfy.ops
+
+        weight, bias = comfy.ops.cast_bias_weight(linear, x)[:2]
+        return weight, bias
+    return w, linear.bias
 
 
 def _is_unet(diffusion_model) -> bool:
