@@ -22,8 +22,10 @@ concept's tokens are attended):
   (the block's second optimized_attention call, its third on image-to-video blocks, whose second
   attends to the CLIP image tokens), softmax over the text tokens, summed over the prompt's own
   tokens (its padding left out: the softmax runs over the text alone, so the sum over every position
-  is 1 everywhere), mean over heads and blocks. Map: the patch grid (T', ceil(H / 2), ceil(W / 2)) averaged over the
-  frames T', so one (h, w) map per image of the batch; its mask broadcasts over every frame.
+  is 1 everywhere), mean over heads and blocks. Map: the patch grid (T', ceil(H / 2), ceil(W / 2))
+  (transformer_options' grid_sizes; ComfyUI v0.8.0 sets none: T' is then the token count over the
+  latent's h x w) averaged over the frames T', so one (h, w) map per image of the batch; its mask
+  broadcasts over every frame.
 
 Cost: the override adds one Python call per attention call; while a concept row is captured, its
 map is computed separately (optimised kernels return no probabilities) in float32, a group of heads
@@ -212,20 +214,28 @@ def _wan(capture, dm, q, k, heads, opts, cond_or_uncond) -> None:
     capture._wan_call = (opts, block, count)
     if count != _wan_text_call(dm, int(block)):
         return
-    grid = opts.get("grid_sizes")
-    if grid is None or len(grid) != 3:
-        return
-    frames, hw = int(grid[0]), (int(grid[1]), int(grid[2]))
     patch = tuple(int(p) for p in getattr(dm, "patch_size", (1, 2, 2)))
-    if hw != _grid(capture, patch[1]) or patch[1] != patch[2]:
-        return  # another latent (an area's crop)
+    if patch[1] != patch[2]:
+        return
+    hw = _grid(capture, patch[1])
+    grid = opts.get("grid_sizes")
+    if grid is not None:
+        if len(grid) != 3 or (int(grid[1]), int(grid[2])) != hw:
+            return  # another latent (an area's crop)
+        frames = int(grid[0])
+    else:
+        # ComfyUI v0.8.0 does not put grid_sizes in transformer_options: every token is the latent's
+        if q.shape[1] % (hw[0] * hw[1]) or getattr(dm, "ref_conv", None) is not None:
+            return
+        frames = q.shape[1] // (hw[0] * hw[1])
     n = frames * hw[0] * hw[1]
     # the image tokens come first unless a reference latent's tokens precede them (Wan's ref_conv)
     if q.shape[1] < n or (q.shape[1] != n and getattr(dm, "ref_conv", None) is not None):
         return
     with torch.no_grad():
         for c, rows in _rows(q, cond_or_uncond, capture):
-            s = torch.cat([text_attention(q[r:r + 1, :n], k[r:r + 1], heads, _prompt_positions(capture, c, r - rows.start, k[r]))
+            s = torch.cat([text_attention(q[r:r + 1, :n], k[r:r + 1], heads,
+                                          _prompt_positions(capture, c, r - rows.start, k[r]))
                            for r in range(rows.start, rows.stop)])  # (B, T' h w)
             _add(capture, c, s.view(s.shape[0], frames, -1).mean(dim=1), heads)
     capture._hw = hw
