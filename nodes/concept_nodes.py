@@ -73,8 +73,8 @@ def mask_from_input() -> io.Combo.Input:
         "mask_from", options=list(MASK_FROM), default="implicit", optional=True,
         tooltip="Where the concept acts. implicit (default): where its own edit is strongest "
                 "(the threshold above). attention: where the image attends to the concept's text "
-                "(LEDITS++'s cross-attention mask, the top 1 - threshold of it; SD 1.x, 2.x, SDXL "
-                "and Flux). intersect: both at once, LEDITS++'s default (on SD 1.x/2.x only below "
+                "(LEDITS++'s cross-attention mask, the top 1 - threshold of it; SD 1.x, 2.x, SDXL, "
+                "SD3, Flux and Wan). intersect: both at once, LEDITS++'s default (on SD 1.x/2.x only below "
                 "timestep 800, attention alone before). attention and intersect compute the "
                 "concept's attention map at a few layers: a little slower.")
 
