@@ -212,20 +212,34 @@ def test_sd3_mask_lands_where_the_text_is_attended():
     assert torch.equal(mask, grid.repeat_interleave(2, 0).repeat_interleave(2, 1))
 
 
-@pytest.mark.parametrize("grid", [True, False])
-def test_wan_mask_lands_where_the_prompt_is_attended(grid):
+def wan_i2v():
+    """A tiny Wan 2.1 image-to-video model (its blocks' cross-attention also attends to CLIP image tokens)."""
+    import comfy.supported_models
+
+    cfg = {"image_model": "wan2.1", "model_type": "i2v", "patch_size": (1, 2, 2), "text_len": 16, "in_dim": 36,
+           "dim": 32, "ffn_dim": 64, "freq_dim": 32, "text_dim": 32, "out_dim": 16, "num_heads": 2,
+           "num_layers": 1, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+           "dtype": torch.float32}
+    from harness.tiny import patcher
+
+    return patcher(comfy.supported_models.WAN21_I2V(cfg).get_model({}))
+
+
+@pytest.mark.parametrize("grid,kind", [(True, "t2v"), (False, "t2v"), (True, "i2v")])
+def test_wan_mask_lands_where_the_prompt_is_attended(grid, kind):
     """A constructed Wan block (heads 2, 2 frames of a 8x8 latent: 2x4x4 image tokens, 6 text positions:
     3 prompt tokens, 3 zero-padding ones with one key): first the block's self-attention (left out),
     then its cross-attention. The concept row's tokens of the top-left quarter query the prompt's keys on
     both frames, those of the top-right quarter on frame 0 only; every other token the padding's. The
     map is 1, 1/2 and 0 there (the mean over frames), the other row is not taken, and the mask is the
     top-left quarter; each call returns the function's result unchanged. Without grid_sizes in the
-    transformer_options (ComfyUI v0.8.0 sets none) the frames come from the token count."""
+    transformer_options (ComfyUI v0.8.0 sets none) the frames come from the token count. On an
+    image-to-video block the call between the two, to the CLIP image tokens, is left out too."""
     am = pack_module("nodes.attention_masks")
     ov = pack_module("nodes.attention_override")
     from sega_core.attention import attention_mask
 
-    model = model_of("wan")
+    model = model_of("wan") if kind == "t2v" else wan_i2v()
     dm = model.model.diffusion_model
     capture = am.AttentionCapture(dm, model.model)
     heads, d, frames, side, words, pad = 2, 8, 2, 4, 3, 3
@@ -251,6 +265,8 @@ def test_wan_mask_lands_where_the_prompt_is_attended(grid):
     capture.begin({2: 0}, (8, 8))
     assert torch.equal(override(attention_result, q, q, q, heads=heads, transformer_options=opts),
                        attention_result(q, q, q, heads))  # the self-attention
+    if kind == "i2v":  # the image tokens' attention to the CLIP image embedding (here: the prompt's keys)
+        override(attention_result, q, keys, v, heads=heads, transformer_options=opts, low_precision_attention=False)
     assert capture.layers_seen == 0
     assert torch.equal(override(attention_result, q, keys, v, heads=heads, transformer_options=opts),
                        attention_result(q, keys, v, heads))  # the cross-attention
