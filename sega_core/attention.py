@@ -79,28 +79,26 @@ def _selector(positions: torch.Tensor, t_len: int, device) -> torch.Tensor:
 def _token_sum(rows: int, q_len: int, heads: int, d: int, t_len: int, positions: torch.Tensor, latent, device,
                queries, keys) -> torch.Tensor:
     """The (rows, Q) sum over heads and `positions` of softmax(q k^T / sqrt(d)), chunked by
-    `attention_chunks`: keys(r, h0, h1, scale) gives row r's float32 keys of heads h0..h1 times `scale`
-    (the scores' 1/sqrt(d), applied once per group) as a new (g, d, T) tensor, queries(r, h0, h1, c0, c1)
-    the float32 queries of those heads at query positions c0..c1 as (g, c, d)."""
+    `attention_chunks`. keys(r, h0, h1, scale): row r's float32 keys of heads h0..h1 times `scale`
+    (the scores' 1/sqrt(d), applied once per group), a new (g, d, T) tensor, (d, T) for one head;
+    queries(r, h0, h1): a function (c0, c1) -> the float32 queries of those heads at query positions
+    c0..c1, (g, c, d), (c, d) for one head (matrix products: fewer steps per chunk)."""
     group, chunk = attention_chunks(heads, d, q_len, t_len, latent)
     out = torch.zeros(rows, q_len, dtype=torch.float32, device=device)
     sel = _selector(positions, t_len, device)
-    scale = d ** -0.5
     for r in range(rows):
+        acc = out[r]
         for h0 in range(0, heads, group):
             h1 = min(heads, h0 + group)
-            kt = keys(r, h0, h1, scale)
-            if h1 - h0 == 1:
-                kt = kt[0]  # one head: matrix products (fewer steps per chunk than batched ones)
+            kt = keys(r, h0, h1, d ** -0.5)
+            chunk_queries = queries(r, h0, h1)
             for c0 in range(0, q_len, chunk):
                 c1 = min(q_len, c0 + chunk)
-                q = queries(r, h0, h1, c0, c1)
-                s = torch.matmul(q[0] if kt.dim() == 2 else q, kt)  # scores, (g, c, T) or (c, T)
-                del q
+                s = torch.matmul(chunk_queries(c0, c1), kt)  # the scores
                 s.sub_(s.amax(dim=-1, keepdim=True)).exp_()  # softmax's numerators, in place
                 part = torch.matmul(s, sel).div_(s.sum(dim=-1))  # softmax summed over the positions
                 del s
-                out[r, c0:c1] += part if part.dim() == 1 else part.sum(dim=0)
+                acc[c0:c1].add_(part if part.dim() == 1 else part.sum(dim=0))
             del kt  # freed before the next group's keys are made
     return out
 
@@ -116,15 +114,20 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: tor
     """
     b, nq, inner = q.shape
     d = inner // heads
+    t_len = k.shape[1]
 
     def keys(r, h0, h1, scale):
-        kt = k[r, :, h0 * d:h1 * d].t().reshape(h1 - h0, d, k.shape[1])  # a view of k
-        return kt.to(torch.float32, copy=True).mul_(scale)
+        kt = k[r, :, h0 * d:h1 * d].t().reshape(h1 - h0, d, t_len)  # a view of k
+        kt = kt.to(torch.float32, copy=True).mul_(scale)
+        return kt[0] if h1 == h0 + 1 else kt
 
-    def queries(r, h0, h1, c0, c1):
-        return q[r, c0:c1, h0 * d:h1 * d].float().view(c1 - c0, h1 - h0, d).transpose(0, 1)
+    def queries(r, h0, h1):
+        qr, g = q[r, :, h0 * d:h1 * d], h1 - h0
+        if g == 1:
+            return lambda c0, c1: qr[c0:c1].float()
+        return lambda c0, c1: qr[c0:c1].float().view(c1 - c0, g, d).transpose(0, 1)
 
-    return _token_sum(b, nq, heads, d, k.shape[1], positions, latent, q.device, queries, keys)
+    return _token_sum(b, nq, heads, d, t_len, positions, latent, q.device, queries, keys)
 
 
 def projected_token_attention(x: torch.Tensor, context: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
@@ -141,16 +144,18 @@ def projected_token_attention(x: torch.Tensor, context: torch.Tensor, q_weight: 
     t_len = context.shape[1]
 
     def keys(r, h0, h1, scale):
-        w = k_weight[h0 * d:h1 * d]  # (g*d, C_ctx), a view
-        kt = torch.matmul(w, context[r].t())  # (g*d, T): the keys, already transposed
+        kt = torch.matmul(k_weight[h0 * d:h1 * d], context[r].t())  # (g*d, T): the keys, already transposed
         if k_bias is not None:
             kt += k_bias[h0 * d:h1 * d].unsqueeze(1)
-        return kt.float().mul_(scale).view(h1 - h0, d, t_len)  # .float(): a copy only from another dtype
+        kt = kt.float().mul_(scale)  # .float(): a copy only from another dtype
+        return kt if h1 == h0 + 1 else kt.view(h1 - h0, d, t_len)
 
-    def queries(r, h0, h1, c0, c1):
-        qc = torch.nn.functional.linear(x[r, c0:c1], q_weight[h0 * d:h1 * d],
-                                        None if q_bias is None else q_bias[h0 * d:h1 * d])
-        return qc.float().view(c1 - c0, h1 - h0, d).transpose(0, 1)
+    def queries(r, h0, h1):
+        xr, w, g = x[r], q_weight[h0 * d:h1 * d], h1 - h0
+        bias = None if q_bias is None else q_bias[h0 * d:h1 * d]
+        if g == 1:
+            return lambda c0, c1: F.linear(xr[c0:c1], w, bias).float()
+        return lambda c0, c1: F.linear(xr[c0:c1], w, bias).float().view(c1 - c0, g, d).transpose(0, 1)
 
     return _token_sum(b, nq, heads, d, t_len, positions, latent, x.device, queries, keys)
 
