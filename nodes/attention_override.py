@@ -28,8 +28,9 @@ concept's tokens are attended):
   broadcasts over every frame.
 
 Cost: the override adds one Python call per attention call; while a concept row is captured, its
-map is computed separately (optimised kernels return no probabilities) in float32, a group of heads
-at a time so that no more than CHUNK_ELEMENTS probabilities are held at once.
+map is computed separately (optimised kernels return no probabilities) in float32, in chunks of heads
+and query positions (sega_core.attention.token_attention) that hold no more than about
+CHUNK_ELEMENTS floats at once.
 """
 from __future__ import annotations
 
@@ -118,16 +119,11 @@ def observe(capture, args: tuple, kwargs: dict) -> None:
 
 
 def text_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: torch.Tensor) -> torch.Tensor:
-    """sega_core.attention.token_attention, a group of heads at a time: (B, Q) summed over the heads,
-    with at most CHUNK_ELEMENTS probabilities alive at once."""
-    d = q.shape[-1] // heads
-    group = max(1, min(heads, CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * k.shape[1])))
-    total = None
-    for h in range(0, heads, group):
-        g = min(group, heads - h)
-        s = token_attention(q[..., h * d:(h + g) * d], k[..., h * d:(h + g) * d], g, positions)
-        total = s if total is None else total + s
-    return total
+    """sega_core.attention.token_attention, (B, Q) summed over the heads, in chunks of heads and query
+    positions that hold at most about CHUNK_ELEMENTS floats at once (a budget well above one latent:
+    one latent, as on the UNets, would split SD3's 4096 x 4250 scores per head at 1024 px into chunks
+    of 15 queries, some 157,000 small products per step)."""
+    return token_attention(q, k, heads, positions, CHUNK_ELEMENTS)
 
 
 def _add(capture, concept: int, sums: torch.Tensor, heads: int) -> None:
