@@ -1,6 +1,7 @@
 """Run every benchmark and write bench/results.md (the table for the README's Performance section).
 
-    python bench/run_all.py            # about 20 minutes on 2 CPU cores (ledits.py: 6, attention_masks.py: 6)
+    python bench/run_all.py            # about 23 minutes on 2 CPU cores (ledits.py: 6, attention_masks.py: 6,
+                                       # attention_override.py: 3)
     python bench/run_all.py --quick    # a smoke test, about 4 minutes
 
 Each benchmark runs in its own process with the same options (--threads, --quick). Exit status:
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import _common
 
-SCRIPTS = ["rows.py", "sega_math.py", "end_to_end.py", "gpu_sync.py", "ledits.py", "attention_masks.py"]
+SCRIPTS = ["rows.py", "sega_math.py", "end_to_end.py", "gpu_sync.py", "ledits.py", "attention_masks.py",
+           "attention_override.py"]
 HERE = Path(__file__).resolve().parent
 
 
