@@ -43,7 +43,8 @@ class AttentionCapture:
         self._hw = None  # (h, w) of the map
         self._latent = None  # (H, W) of the evaluation's latent: rows of another size (an area's crop) are left out
         self.layers_seen = 0  # layers captured in the last evaluation (for tests)
-        self._positions = {}  # (context length, device) -> token positions, made once on the device
+        self._positions = {}  # (context length, device, clip, words) -> token positions, made once on the device
+        self.words: Dict[int, int] = {}  # concept -> its word tokens, when its mask sums only those (mask_words)
         self._timestep = None  # a CPU copy of the model's sigma -> timestep conversion, made once
 
     @property
@@ -68,13 +69,14 @@ class AttentionCapture:
         self._index, self._sums, self._heads = {}, {}, {}
         return maps
 
-    def positions(self, length: int, device, clip: bool = True) -> torch.Tensor:
-        """The token positions M1 sums (sega_core.attention.token_positions; every one when not `clip`),
-        made once per run on the device."""
-        key = (length, str(device), clip)
+    def positions(self, length: int, device, clip: bool = True, words=None) -> torch.Tensor:
+        """The token positions M1 sums (sega_core.attention.token_positions: CLIP's 75 after the start
+        token, or its first `words`; every one when not `clip`), made once per run on the device."""
+        key = (length, str(device), clip, words)
         pos = self._positions.get(key)
         if pos is None:
-            pos = token_positions(length, device=device) if clip else torch.arange(length, device=device)
+            pos = (token_positions(length, words=words, device=device) if clip
+                   else torch.arange(length, device=device))
             self._positions[key] = pos
         return pos
 
@@ -114,7 +116,6 @@ class AttentionCapture:
             return
         heads = int(extra_options["n_heads"])
         b = n.shape[0] // len(cond_or_uncond)
-        positions = self.positions(context.shape[1], n.device)
         # the layer's projections, made chunk by chunk: what the capture holds stays below one latent
         (wq, bq), (wk, bk) = _weights(attn.to_q, n), _weights(attn.to_k, context)
         with torch.no_grad():
@@ -123,6 +124,7 @@ class AttentionCapture:
                 if c is None:
                     continue
                 rows = slice(chunk * b, (chunk + 1) * b)
+                positions = self.positions(context.shape[1], n.device, words=self.words.get(c))
                 s = projected_token_attention(n[rows], context[rows], wq, wk, heads, positions,
                                               int(shape[1]) * int(shape[2]) * int(shape[3]), bq, bk)
                 self._sums[c] = s if c not in self._sums else self._sums[c] + s
@@ -217,9 +219,11 @@ def install(model) -> None:
         model.set_model_patch(patch, name)
 
 
-def start_capture(model_options: dict, model_patcher) -> AttentionCapture:
-    """A fresh AttentionCapture in a sampling run's (cloned) model_options."""
+def start_capture(model_options: dict, model_patcher, mask_words=()) -> AttentionCapture:
+    """A fresh AttentionCapture in a sampling run's (cloned) model_options; `mask_words`: the plan's
+    (per concept, the word tokens its SD-style UNet mask sums, None for all 75 positions)."""
     capture = AttentionCapture(model_patcher.model.diffusion_model, model_patcher.model)
+    capture.words = {c: int(w) for c, w in enumerate(mask_words) if w is not None}
     model_options.setdefault("transformer_options", {})[ATTN_KEY] = capture
     if _uses_override(capture.diffusion_model):
         # a node after SEGA's may have set its own override in place of SEGA's: chain it in this run

@@ -12,6 +12,7 @@ from .schema import CATEGORY, schema
 Concepts = io.Custom(SEGA_CONCEPTS)
 NEVER = 10000  # cool-down value that never triggers (the reference's None)
 WINDOW_UNITS = ("steps", "percent")  # the window_unit input: how warmup and cooldown count
+ATTENTION_TOKENS = ("all", "words")  # the attention_tokens input: which text tokens the attention mask sums
 
 
 def concept_settings_inputs() -> list:
@@ -52,7 +53,8 @@ def concept_settings_inputs() -> list:
 
 def concept_optional_inputs(label: str, chain: str) -> list:
     """The optional inputs of SEGA Concept and SEGA Concept (text), in their order: label, concepts,
-    mask, mask_from, window_unit (the last two added later, so saved workflows keep loading)."""
+    mask, mask_from, window_unit, attention_tokens (the last three added later, each after the others,
+    so saved workflows keep loading)."""
     return [
         io.String.Input("label", default="", optional=True, tooltip=label),
         Concepts.Input("concepts", optional=True, tooltip=chain),
@@ -64,6 +66,7 @@ def concept_optional_inputs(label: str, chain: str) -> list:
                     "lower the threshold (e.g. 0.5) to edit more inside it. Empty: the whole image."),
         mask_from_input(),
         window_unit_input(),
+        attention_tokens_input(),
     ]
 
 
@@ -90,8 +93,19 @@ def window_unit_input() -> io.Combo.Input:
                 "start_at_step's step 0, like ConditioningSetTimestepRange and ControlNet's start/end percent.")
 
 
+def attention_tokens_input() -> io.Combo.Input:
+    """The last optional input of SEGA Concept and SEGA Concept (text)."""
+    return io.Combo.Input(
+        "attention_tokens", options=list(ATTENTION_TOKENS), default="all", optional=True,
+        tooltip="Which tokens of the concept's text the attention mask sums (mask_from attention or intersect, "
+                "SD 1.x, 2.x and SDXL). all (default): as LEDITS++, the 75 positions after CLIP's start token: "
+                "the words, the end token and the padding. words: only the concept's own word tokens, so the "
+                "mask follows the words alone. Only SEGA Concept (text) knows the words; SEGA Concept, fed a "
+                "CONDITIONING, refuses words. Other models sum every text token either way.")
+
+
 def make_concept(node: str, edit_scale, direction, threshold, warmup, cooldown, weight, mask_from="implicit",
-                 window_unit="steps") -> Concept:
+                 window_unit="steps", mask_words=None) -> Concept:
     """The sega_core Concept of a SEGA Concept node's settings (checked again by the sampler's plan)."""
     if direction not in ("add", "remove"):
         raise SEGAError(f"{node}: direction must be 'add' or 'remove', got {direction!r}.")
@@ -107,7 +121,14 @@ def make_concept(node: str, edit_scale, direction, threshold, warmup, cooldown, 
     else:
         start, end, unit = int(warmup), None if cooldown >= NEVER else int(cooldown), "steps"
     return Concept(scale=float(edit_scale), threshold=float(threshold), warmup=start, cooldown=end,
-                   weight=float(weight), reverse=direction == "remove", mask_from=mask_from, window_unit=unit)
+                   weight=float(weight), reverse=direction == "remove", mask_from=mask_from, window_unit=unit,
+                   mask_words=mask_words)
+
+
+def check_attention_tokens(node: str, attention_tokens) -> None:
+    if attention_tokens not in ATTENTION_TOKENS:
+        raise SEGAError(f"{node}: attention_tokens must be one of {', '.join(ATTENTION_TOKENS)}, "
+                        f"got {attention_tokens!r}.")
 
 
 def _chain(concepts) -> list:
@@ -164,7 +185,16 @@ class SEGAConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, edit_scale, direction, threshold, warmup, cooldown, weight,
-                label="", concepts=None, mask=None, mask_from="implicit", window_unit="steps") -> io.NodeOutput:
+                label="", concepts=None, mask=None, mask_from="implicit", window_unit="steps",
+                attention_tokens="all") -> io.NodeOutput:
+        check_attention_tokens("SEGA Concept", attention_tokens)
+        if attention_tokens == "words":
+            # CLIP Text Encode's CONDITIONING holds the tokens' embeddings only (SD 1.x/SDXL's CLIP
+            # returns no attention mask or token count with it)
+            raise SEGAError(
+                "SEGA Concept: attention_tokens 'words' needs the number of the concept's word tokens, which a "
+                "CONDITIONING from CLIP Text Encode does not carry. Type the concept in SEGA Concept (text) "
+                "(the same settings, with its own text box), or set attention_tokens to 'all'.")
         # the settings are validated once, with the others, when a sampler node builds its plan
         concept = make_concept("SEGA Concept", edit_scale, direction, threshold, warmup, cooldown, weight, mask_from,
                                window_unit)

@@ -139,7 +139,8 @@ class _Patch(RunScaffold):
         labels = [s.label or f"#{i + 1}" for i, s in enumerate(self.specs)]
         run.watch = MaskWatch.for_run(labels, self.preview, self.log_to is not None)
         if self.plan.attention:
-            run.capture = attention_masks.start_capture(guider.model_options, guider.model_patcher)
+            run.capture = attention_masks.start_capture(guider.model_options, guider.model_patcher,
+                                                         self.plan.mask_words)
         return run
 
     def finish_run(self, run: "_Run", out: torch.Tensor) -> None:

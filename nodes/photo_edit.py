@@ -208,7 +208,7 @@ class PhotoGuider(comfy.samplers.CFGGuider):
         if attn:
             if self.capture is None or model_options.get("transformer_options", {}).get(
                     attention_masks.ATTN_KEY) is not self.capture:
-                self.capture = attention_masks.start_capture(model_options, self.model_patcher)
+                self.capture = attention_masks.start_capture(model_options, self.model_patcher, self.plan.mask_words)
             self.capture.begin(attn, x.shape[-2:])
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options) if conds else []
         maps = self.capture.end() if attn else None

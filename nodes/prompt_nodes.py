@@ -6,8 +6,8 @@ from comfy_api.latest import io
 
 from ..sega_core import Concept, SEGAValueError
 from ..sega_core.prompt_syntax import TypedConcept, parse_prompt
-from .concept_nodes import (Concepts, _chain, check_threshold, concept_optional_inputs, concept_settings_inputs,
-                            make_concept)
+from .concept_nodes import (Concepts, _chain, check_attention_tokens, check_threshold, concept_optional_inputs,
+                            concept_settings_inputs, make_concept)
 from .concept_spec import ConceptSpec
 from .errors import SEGAError
 from .schema import CATEGORY, schema
@@ -23,6 +23,24 @@ SYNTAX_TOOLTIP = (
 def encode(clip, text: str) -> list:
     """The CONDITIONING CLIP Text Encode gives for `text` with this CLIP."""
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def word_tokens(clip, text: str) -> int:
+    """How many word tokens CLIP's tokenizer makes of `text` (its first 77-token chunk): the tokens after
+    the start token and before the end token, as tokenize('') shows those two for this CLIP (SDXL: its
+    first encoder's). The positions attention_tokens 'words' sums."""
+    tokens, blank = clip.tokenize(text), clip.tokenize("")
+    name = next(iter(tokens))
+    ids, empty = [t[0] for t in tokens[name][0]], [t[0] for t in blank[name][0]]
+
+    def same(a, b) -> bool:
+        return isinstance(a, int) and isinstance(b, int) and a == b  # an embedding's vector is a word
+
+    has_start = len(empty) > 1 and same(ids[0], empty[0]) and not same(empty[0], empty[1])
+    end = empty[1] if has_start else empty[0]
+    words = ids[1:] if has_start else ids
+    n = next((i for i, t in enumerate(words) if same(t, end)), len(words))
+    return max(n, 1)
 
 
 def concept_spec(clip, typed: TypedConcept, where: str) -> ConceptSpec:
@@ -122,14 +140,17 @@ class SEGAConceptText(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, text, edit_scale, direction, threshold, warmup, cooldown, weight, label="",
-                concepts=None, mask=None, mask_from="implicit", window_unit="steps") -> io.NodeOutput:
+                concepts=None, mask=None, mask_from="implicit", window_unit="steps",
+                attention_tokens="all") -> io.NodeOutput:
         if clip is None:
             raise SEGAError("SEGA Concept (text): the clip input is empty; connect the CLIP output of Load "
                             "Checkpoint.")
         if not isinstance(text, str) or not text.strip():
             raise SEGAError("SEGA Concept (text): the text is empty; type the concept (e.g. 'glasses').")
+        check_attention_tokens("SEGA Concept (text)", attention_tokens)
         concept = make_concept("SEGA Concept (text)", edit_scale, direction, threshold, warmup, cooldown, weight,
-                               mask_from, window_unit)
+                               mask_from, window_unit,
+                               word_tokens(clip, text) if attention_tokens == "words" else None)
         return io.NodeOutput(_chain(concepts) + [ConceptSpec(
             conditioning=encode(clip, text), concept=concept, label=str(label or "").strip() or text.strip(),
             mask=mask)])

@@ -59,6 +59,9 @@ class Concept:
     window_unit: how warmup and cooldown count: "steps" (sampler steps, the default) or "fraction"
                (fractions of the run's schedule in [0, 1]: the concept acts at step i of an N-step
                schedule when warmup <= i / N < cooldown; Plan.for_steps turns them into steps).
+    mask_words: the number of word tokens of the concept's text whose attention the cross-attention
+               mask sums (positions 1 .. mask_words after CLIP's start token); None (the default)
+               sums diffusers' 75 positions (the words, the end token and the padding).
     """
 
     scale: float = 5.0
@@ -69,6 +72,7 @@ class Concept:
     reverse: bool = False
     mask_from: str = "implicit"
     window_unit: str = "steps"
+    mask_words: Optional[int] = None
 
     def validate(self, where: str = "SEGA Concept") -> "Concept":
         if not math.isfinite(self.scale):
@@ -95,6 +99,11 @@ class Concept:
         if self.mask_from not in MASK_FROM:
             raise SEGAValueError(
                 f"{where}: mask_from must be one of {', '.join(MASK_FROM)}, got {self.mask_from!r}.")
+        if self.mask_words is not None and (isinstance(self.mask_words, bool) or not isinstance(self.mask_words, int)
+                                            or self.mask_words < 1):
+            raise SEGAValueError(
+                f"{where}: mask_words (the concept's word tokens the attention mask sums) must be a whole "
+                f"number >= 1, or None for every position, got {self.mask_words!r}.")
         return self
 
 
@@ -117,6 +126,9 @@ class Plan:
     # per concept: "steps" or "fraction" while some window is a fraction of the schedule (warmup and
     # cooldown then hold fractions for those); () once every window is in steps (Plan.for_steps)
     window_unit: tuple = ()
+    # per concept: the word tokens its attention mask sums (None: every position, as diffusers);
+    # () when no concept sets it
+    mask_words: tuple = ()
 
     @classmethod
     def build(cls, concepts: Sequence[Concept], momentum_scale: float = 0.1, momentum_beta: float = 0.4,
@@ -141,6 +153,8 @@ class Plan:
             mask_from=tuple(c.mask_from for c in concepts),
             window_unit=tuple(c.window_unit for c in concepts)
             if any(c.window_unit != "steps" for c in concepts) else (),
+            mask_words=tuple(c.mask_words for c in concepts)
+            if any(c.mask_words is not None for c in concepts) else (),
         )
 
     def for_steps(self, steps: int) -> "Plan":
