@@ -417,3 +417,26 @@ def test_the_capture_holds_at_most_its_budget(monkeypatch):
     whole, at_once = captured(1 << 30)
     assert small.peak < (1 << 16) * 4 < 17_000_000 < whole.peak
     assert chunked.shape == (1, side, side) and torch.allclose(chunked, at_once, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_each_image_of_a_batch_gets_its_own_mask(family):
+    """A batch of two latents (different noise, the same prompts): each image's mask comes from its own
+    map; the two differ, and the first equals the mask of that image sampled alone."""
+    import comfy.sample
+
+    patch = pack_module("nodes.patch")
+    concepts = concepts_of({"c1": text(family, 3)}, [("c1", {"mask_from": "attention", "threshold": 0.75})])
+
+    def masks(batch):
+        log = patch.RunLog()
+        m = patch.apply_sega(model_of(family), concepts, 0.0, 0.4, log_to=log)
+        latent = torch.zeros(batch, *LATENTS[family][1:])
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(4))  # image 0 alike in both
+        comfy.sample.sample(m, noise, 2, 5.0, "euler", "normal", text(family, 1), text(family, 2), latent,
+                            disable_pbar=True, seed=0)  # one prompt for every image
+        return log.watches[0].sums[0] / log.watches[0].counts[0]
+
+    both = masks(2)
+    assert both.shape == (2, 16, 16) and not torch.equal(both[0], both[1])
+    assert torch.equal(masks(1)[0], both[0])
