@@ -59,3 +59,26 @@ def test_one_captured_layer_stays_below_one_latent(model, size):
                                                     token_positions(77)))
     assert whole.peak > 5 * latent_bytes  # computed at once: what the check above would catch
     assert torch.allclose(maps[0].flatten(1) * attn.heads, want, atol=1e-5, rtol=0)
+
+
+def test_the_capture_projects_with_the_weights_the_layer_uses():
+    """ComfyUI's Linear layers cast their weights as they run (manual cast: fp16 weights, float32
+    input) and apply weight patches on the fly (weight_function, as low-VRAM mode applies a LoRA):
+    the weights the capture projects with give what the layer's own call gives."""
+    import comfy.ops
+
+    am = pack_module("nodes.attention_masks")
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    plain = comfy.ops.disable_weight_init.Linear(16, 8, bias=False)
+    plain.weight = torch.nn.Parameter(torch.randn(8, 16), requires_grad=False)
+    w, b = am._weights(plain, x)
+    assert w is plain.weight and b is None  # no copy
+    cast = comfy.ops.manual_cast.Linear(16, 8, bias=True, dtype=torch.float16)
+    cast.weight = torch.nn.Parameter(torch.randn(8, 16).half(), requires_grad=False)
+    cast.bias = torch.nn.Parameter(torch.randn(8).half(), requires_grad=False)
+    cast.weight_function = [lambda weight: weight * 2]
+    w, b = am._weights(cast, x)
+    assert w.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(torch.nn.functional.linear(x, w, b), cast(x))
+        assert torch.allclose(cast(x), torch.nn.functional.linear(x, 2 * cast.weight.float(), cast.bias.float()))
