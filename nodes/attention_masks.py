@@ -6,9 +6,11 @@ attention patches) is put on a model whose SEGA concepts use mask_from "attentio
 transformer_options and that capture is waiting for an evaluation. Then, only at the
 cross-attention layers of the down and up blocks whose query map is a quarter of the latent (as
 diffusers' LEDITS++ picks them) and only for the concept rows, it recomputes softmax(q k^T) from
-the layer's own to_q / to_k (optimised attention kernels never return probabilities), reduces it
-at once to one (B, h*w) sum per concept (sega_core.attention.token_attention) and returns its
-inputs unchanged: the model's output stays bit for bit what it was.
+the layer's own to_q / to_k weights (optimised attention kernels never return probabilities), in
+chunks of heads and query positions sized from the latent, so that what it holds stays below one
+latent per concept (sega_core.attention.projected_token_attention), reduces it to one (B, h*w) sum
+per concept (token positions: sega_core.attention.token_positions, all of CLIP's 75 or the
+concept's words) and returns its inputs unchanged: the model's output stays bit for bit what it was.
 
 Which rows are the concepts': calc_cond_batch puts each cond's index in the evaluation's conds list
 into transformer_options["cond_or_uncond"], one entry per batch chunk of equal size. The SEGA patch
