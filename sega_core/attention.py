@@ -49,25 +49,29 @@ def token_positions(context_len: int, words: Optional[int] = None, device=None) 
     return (starts + 1 + torch.arange(per_chunk, device=device)).flatten()
 
 
-def attention_chunks(heads: int, d: int, q_len: int, t_len: int, latent: Optional[int]) -> Tuple[int, int]:
-    """How `token_attention` splits one row's work: (heads per group, query positions per chunk), from
-    the sizes, so that what a chunk holds at once stays below `latent` elements (one row's latent,
-    C x H x W) whenever one head's keys do.
+def attention_chunks(heads: int, d: int, q_len: int, t_len: int, latent: Optional[int],
+                     fold_width: int = 0) -> Tuple[int, int, bool]:
+    """How `token_attention` splits one row's work: (heads per group, query positions per chunk,
+    fold), from the sizes, so that what it holds at once stays below `latent` elements (one row's
+    latent, C x H x W), down to a latent that holds one query's scores.
 
     A group's keys (d x T per head, float32) are computed once and kept while its query chunks run;
     they take at most a quarter of a latent (one head at least). Each chunk then holds its queries
     (c x d per head) and their scores (c x T per head); the chunk gets half of what is left below one
     latent: the largest chunk the memory target allows, so few chunks run. When one head's keys alone
-    are a latent or more (a latent so small that T x d exceeds it), a quarter of a latent.
+    are a latent or more (a small latent: SD 1.5 below 512 px), no keys are kept (fold): a chunk of
+    one head computes its scores from the text itself, (q W_k) context^T, holding `fold_width`
+    floats per query more (the text's width; 0 when the keys are given), within half a latent.
     `latent` None: everything at once (one group, one chunk).
     """
     if latent is None:
-        return heads, q_len
+        return heads, q_len, False
     group = max(1, min(heads, (latent // 4) // max(1, t_len * d)))
     keys = group * t_len * d
-    room = (latent - keys) // 2 if keys < latent else latent // 4
-    per_query = group * (d + t_len + 4)  # a query row, its scores, and the per-row max, sums and result
-    return group, max(1, min(q_len, room // per_query))
+    fold = keys >= latent  # group is 1 then
+    room = latent // 2 if fold else (latent - keys) // 2
+    per_query = group * (d + t_len + 4) + (fold_width if fold else 0)  # a query row, its scores, max, sums
+    return group, max(1, min(q_len, room // per_query)), fold
 
 
 def _selector(positions: torch.Tensor, t_len: int, device) -> torch.Tensor:
@@ -77,24 +81,28 @@ def _selector(positions: torch.Tensor, t_len: int, device) -> torch.Tensor:
 
 
 def _token_sum(rows: int, q_len: int, heads: int, d: int, t_len: int, positions: torch.Tensor, latent, device,
-               queries, keys) -> torch.Tensor:
+               queries, keys, folded, fold_width: int = 0) -> torch.Tensor:
     """The (rows, Q) sum over heads and `positions` of softmax(q k^T / sqrt(d)), chunked by
     `attention_chunks`. keys(r, h0, h1, scale): row r's float32 keys of heads h0..h1 times `scale`
     (the scores' 1/sqrt(d), applied once per group), a new (g, d, T) tensor, (d, T) for one head;
     queries(r, h0, h1): a function (c0, c1) -> the float32 queries of those heads at query positions
-    c0..c1, (g, c, d), (c, d) for one head (matrix products: fewer steps per chunk)."""
-    group, chunk = attention_chunks(heads, d, q_len, t_len, latent)
+    c0..c1, (g, c, d), (c, d) for one head (matrix products: fewer steps per chunk);
+    folded(r, h, q, scale): the scores (c, T) of head h's queries q without its keys (fold)."""
+    group, chunk, fold = attention_chunks(heads, d, q_len, t_len, latent, fold_width)
     out = torch.zeros(rows, q_len, dtype=torch.float32, device=device)
     sel = _selector(positions, t_len, device)
+    scale = d ** -0.5
     for r in range(rows):
         acc = out[r]
         for h0 in range(0, heads, group):
             h1 = min(heads, h0 + group)
-            kt = keys(r, h0, h1, d ** -0.5)
+            kt = None if fold else keys(r, h0, h1, scale)  # kept for the group's chunks
             chunk_queries = queries(r, h0, h1)
             for c0 in range(0, q_len, chunk):
                 c1 = min(q_len, c0 + chunk)
-                s = torch.matmul(chunk_queries(c0, c1), kt)  # the scores
+                q = chunk_queries(c0, c1)
+                s = folded(r, h0, q, scale) if fold else torch.matmul(q, kt)  # the scores
+                del q
                 s.sub_(s.amax(dim=-1, keepdim=True)).exp_()  # softmax's numerators, in place
                 part = torch.matmul(s, sel).div_(s.sum(dim=-1))  # softmax summed over the positions
                 del s
@@ -127,7 +135,10 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: tor
             return lambda c0, c1: qr[c0:c1].float()
         return lambda c0, c1: qr[c0:c1].float().view(c1 - c0, g, d).transpose(0, 1)
 
-    return _token_sum(b, nq, heads, d, t_len, positions, latent, q.device, queries, keys)
+    def folded(r, h, qc, scale):  # the given keys as they are (a copy only from another dtype)
+        return torch.matmul(qc, k[r, :, h * d:(h + 1) * d].float().t()).mul_(scale)
+
+    return _token_sum(b, nq, heads, d, t_len, positions, latent, q.device, queries, keys, folded)
 
 
 def projected_token_attention(x: torch.Tensor, context: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
@@ -137,8 +148,9 @@ def projected_token_attention(x: torch.Tensor, context: torch.Tensor, q_weight: 
     """`token_attention` of the layer's own projections q = x W_q^T (+ b_q), k = context W_k^T (+ b_k),
     projected chunk by chunk: x (B, Q, C), context (B, T, C_ctx), q_weight (heads*d, C), k_weight
     (heads*d, C_ctx). Neither q nor k of all heads is ever held: per chunk, the queries of its heads
-    and positions; per head group, its keys. The projections run in the inputs' dtype (as the layer
-    runs them), the rest in float32."""
+    and positions; per head group, its keys (or, for a latent smaller than one head's keys, none:
+    the scores as (q W_k) context^T). The projections run in the inputs' dtype (as the layer runs
+    them), the rest in float32."""
     b, nq, _ = x.shape
     d = q_weight.shape[0] // heads
     t_len = context.shape[1]
@@ -157,7 +169,15 @@ def projected_token_attention(x: torch.Tensor, context: torch.Tensor, q_weight: 
             return lambda c0, c1: F.linear(xr[c0:c1], w, bias).float()
         return lambda c0, c1: F.linear(xr[c0:c1], w, bias).float().view(c1 - c0, g, d).transpose(0, 1)
 
-    return _token_sum(b, nq, heads, d, t_len, positions, latent, x.device, queries, keys)
+    def folded(r, h, qc, scale):  # q k^T = (q W_k) context^T (+ q b_k): no keys held
+        wk = k_weight[h * d:(h + 1) * d]
+        s = torch.matmul(torch.matmul(qc.to(wk.dtype), wk), context[r].t()).float()
+        if k_bias is not None:
+            s += torch.matmul(qc, k_bias[h * d:(h + 1) * d].float()).unsqueeze(1)
+        return s.mul_(scale)
+
+    return _token_sum(b, nq, heads, d, t_len, positions, latent, x.device, queries, keys, folded,
+                      context.shape[2])
 
 
 def smoothing_kernel(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:

@@ -215,26 +215,29 @@ def test_projected_token_attention_equals_diffusers_in_any_chunking():
         pos = token_positions(77)
         want = probs.view(2, heads, 20, 77)[..., pos].sum(dim=(1, 3))
         seen = set()
-        for latent in (1, 2000, 6000, 10 ** 6, None):
-            seen.add(attention_chunks(heads, dim_head, 20, 77, latent))
+        for latent in (1, 606, 2000, 6000, 10 ** 6, None):
+            seen.add(attention_chunks(heads, dim_head, 20, 77, latent, 12))
             with torch.no_grad():
                 got = projected_token_attention(x, ctx, attn.to_q.weight, attn.to_k.weight, heads, pos, latent,
                                                 attn.to_q.bias, attn.to_k.bias)
             assert torch.allclose(got, want, atol=1e-5, rtol=0), (bias, latent)
             assert torch.allclose(token_attention(attn.to_q(x).detach(), attn.to_k(ctx).detach(), heads, pos, latent),
                                   want, atol=1e-5, rtol=0)
-        assert len(seen) >= 4  # the latents above chunk the work in different ways
+        assert len(seen) == 5  # the latents above chunk the work in different ways (10 ** 6: all at once)
+        assert any(fold for _, _, fold in seen)  # no keys held (a latent below one head's keys) too
 
 
-def test_capture_memory_stays_below_one_latent_sd15_512():
-    """SD 1.5 at 512 px (latent 4x64x64): the captured 16x16 layers have 1280 channels, 8 heads of 160,
-    CLIP's 77 tokens of 768. Measured with torch.profiler: every allocation the capture of one concept
-    row makes at one such layer (its projections, scores, sums) stays below one latent, at its peak and
-    one by one; computed at once (no chunks), the same call holds 20 latents of queries alone."""
+@pytest.mark.parametrize("side", [64, 32])
+def test_capture_memory_stays_below_one_latent_sd15(side):
+    """SD 1.5 at 512 px (latent 4x64x64) and 256 px (4x32x32, where one head's keys alone are three
+    latents: no keys are kept): the captured layers have 1280 channels, 8 heads of 160, CLIP's 77
+    tokens of 768. Measured with torch.profiler: every allocation the capture of one concept row makes
+    at one such layer (its projections, scores, sums) stays below one latent, at its peak and one by
+    one; computed at once (no chunks), the same call holds 20 latents of queries alone."""
     from harness.memory import allocations
 
     g = torch.Generator().manual_seed(0)
-    side, channels, heads = 64, 1280, 8
+    channels, heads = 1280, 8
     x = torch.randn(1, (side // 4) ** 2, channels, generator=g)
     ctx = torch.randn(1, 77, 768, generator=g)
     wq = torch.randn(channels, channels, generator=g) * channels ** -0.5
