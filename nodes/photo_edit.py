@@ -25,8 +25,7 @@ from .concept_masks import MaskWatch, PreviewTarget, preview_target
 from .concept_nodes import Concepts, _chain
 from .errors import SEGAError
 from .patch import _fit_mask, remove_sega
-from .photo_invert import (Inversion, PhotoInversion, SEGAInvertPhoto, _check_width, _interruptible,  # noqa: F401
-                           invert_photo, inversion_sigmas)
+from .photo_invert import Inversion, PhotoInversion, SEGAInvertPhoto, _check_width, _interruptible
 from .schema import CATEGORY, schema
 
 

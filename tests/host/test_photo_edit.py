@@ -118,7 +118,7 @@ def test_flow_families_use_the_flow_schedule_and_rule():
 def test_sigmas_are_ledits_timesteps_on_the_models_schedule():
     ledits = pack_module("sega_core.ledits")
     ms = model_of("sd15").get_model_object("model_sampling")
-    sig = mod().inversion_sigmas(model_of("sd15"), 30, 0.15)
+    sig = pack_module("nodes.photo_invert").inversion_sigmas(model_of("sd15"), 30, 0.15)
     ts = ledits.ledits_timesteps(30, 0.15)
     assert ts[0] == 841 and ts[-1] == 29 and len(sig) == 31 and float(sig[-1]) == 0.0
     torch.testing.assert_close(sig[:-1], ms.sigma(torch.tensor(ts, dtype=torch.float32)))
