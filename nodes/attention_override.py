@@ -28,9 +28,11 @@ concept's tokens are attended):
   broadcasts over every frame.
 
 Cost: the override adds one Python call per attention call; while a concept row is captured, its
-map is computed separately (optimised kernels return no probabilities) in float32, in chunks of heads
-and query positions (sega_core.attention.token_attention) that hold no more than about
-CHUNK_ELEMENTS floats at once.
+map is computed separately (optimised kernels return no probabilities) as one more fused attention
+of the concept row's own q and k, with the indicator of the text positions as its value
+(sega_core.attention.token_attention), split by heads and query positions so that its outputs stay
+below half of the row's latent (the latent's elements: the image tokens x the patch's x the
+model's output channels).
 """
 from __future__ import annotations
 
@@ -40,7 +42,6 @@ from ..sega_core.attention import token_attention
 from .attention_masks import ATTN_KEY
 
 OVERRIDE_KEY = "optimized_attention_override"  # ComfyUI's key in transformer_options
-CHUNK_ELEMENTS = 1 << 26  # probabilities (float32) held at once by one map computation: 256 MiB
 
 
 class ObservingOverride:
@@ -118,14 +119,6 @@ def observe(capture, args: tuple, kwargs: dict) -> None:
         _mmdit(capture, dm, q, k, heads, cond_or_uncond)
 
 
-def text_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: torch.Tensor) -> torch.Tensor:
-    """sega_core.attention.token_attention, (B, Q) summed over the heads, in chunks of heads and query
-    positions that hold at most about CHUNK_ELEMENTS floats at once (a budget well above one latent:
-    one latent, as on the UNets, would split SD3's 4096 x 4250 scores per head at 1024 px into chunks
-    of 15 queries, some 157,000 small products per step)."""
-    return token_attention(q, k, heads, positions, CHUNK_ELEMENTS)
-
-
 def _add(capture, concept: int, sums: torch.Tensor, heads: int) -> None:
     capture._sums[concept] = sums if concept not in capture._sums else capture._sums[concept] + sums
     capture._heads[concept] = capture._heads.get(concept, 0) + heads
@@ -154,9 +147,10 @@ def _mmdit(capture, dm, q, k, heads, cond_or_uncond) -> None:
     if txt < 1 or k.shape[1] != q.shape[1]:
         return  # SD3.5's image-only self-attention, or a sequence that is not [text, image]
     positions = capture.positions(txt, q.device, clip=False)
+    latent = n * patch * patch * int(getattr(dm, "out_channels", 16))  # one row's latent: C x H x W
     with torch.no_grad():
         for c, rows in _rows(q, cond_or_uncond, capture):
-            _add(capture, c, text_attention(q[rows, txt:], k[rows], heads, positions), heads)
+            _add(capture, c, token_attention(q[rows, txt:], k[rows], heads, positions, latent), heads)
     capture._hw = hw
     capture.layers_seen += 1
 
@@ -228,10 +222,11 @@ def _wan(capture, dm, q, k, heads, opts, cond_or_uncond) -> None:
     # the image tokens come first unless a reference latent's tokens precede them (Wan's ref_conv)
     if q.shape[1] < n or (q.shape[1] != n and getattr(dm, "ref_conv", None) is not None):
         return
+    latent = n * patch[0] * patch[1] * patch[2] * int(getattr(dm, "out_dim", 16))  # one row's latent
     with torch.no_grad():
         for c, rows in _rows(q, cond_or_uncond, capture):
-            s = torch.cat([text_attention(q[r:r + 1, :n], k[r:r + 1], heads,
-                                          _prompt_positions(capture, c, r - rows.start, k[r]))
+            s = torch.cat([token_attention(q[r:r + 1, :n], k[r:r + 1], heads,
+                                           _prompt_positions(capture, c, r - rows.start, k[r]), latent)
                            for r in range(rows.start, rows.stop)])  # (B, T' h w)
             _add(capture, c, s.view(s.shape[0], frames, -1).mean(dim=1), heads)
     capture._hw = hw

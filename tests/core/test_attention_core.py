@@ -202,9 +202,10 @@ def test_sega_step_with_attention_masks(both):
 
 
 def test_projected_token_attention_equals_diffusers_in_any_chunking():
-    """The chunked sum of the layer's own projections equals diffusers' probabilities summed over the
-    positions, whatever the chunks (from a latent so small that every chunk is one query of one head,
-    to everything at once), with and without projection biases."""
+    """The fused attention with an indicator value, of the layer's own projections, equals diffusers'
+    probabilities summed over the positions, whatever the calls (from a latent so small that every call
+    is one query of one head attending with q W_k to the text, to everything at once), with and without
+    projection biases."""
     attention = pytest.importorskip("diffusers.models.attention_processor")
     torch.manual_seed(1)
     heads, dim_head = 4, 8
@@ -215,16 +216,17 @@ def test_projected_token_attention_equals_diffusers_in_any_chunking():
         pos = token_positions(77)
         want = probs.view(2, heads, 20, 77)[..., pos].sum(dim=(1, 3))
         seen = set()
-        for latent in (1, 606, 2000, 6000, 10 ** 6, None):
-            seen.add(attention_chunks(heads, dim_head, 20, 77, latent, 12))
+        for latent in (1, 606, 1240, 2000, 6000, 10 ** 6, None):
+            if latent is None or 77 * dim_head < latent // 2:  # else no keys are made (q W_k against the text)
+                seen.add(attention_chunks(heads, 20, latent, 77 * dim_head, 2 * dim_head))
             with torch.no_grad():
                 got = projected_token_attention(x, ctx, attn.to_q.weight, attn.to_k.weight, heads, pos, latent,
                                                 attn.to_q.bias, attn.to_k.bias)
             assert torch.allclose(got, want, atol=1e-5, rtol=0), (bias, latent)
             assert torch.allclose(token_attention(attn.to_q(x).detach(), attn.to_k(ctx).detach(), heads, pos, latent),
                                   want, atol=1e-5, rtol=0)
-        assert len(seen) == 5  # the latents above chunk the work in different ways (10 ** 6: all at once)
-        assert any(fold for _, _, fold in seen)  # no keys held (a latent below one head's keys) too
+        assert len(seen) == 4  # the latents above split the work in different ways (10 ** 6: all at once)
+        assert (1, 19) in seen and (heads, 20) in seen  # 1240: one head and part of the queries per call
 
 
 @pytest.mark.parametrize("side", [64, 32])
