@@ -20,11 +20,13 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .concepts import MASK_FROM, SEGAValueError
 from .guidance import quantile_threshold
 
 CLIP_CHUNK = 77  # CLIP's context: start token, 75 positions, one more (end or padding)
+FUSED_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 INTERSECT_MAX_T = 800  # LEDITS++ on SD intersects M1 and M2 only at timesteps t <= 800
 
 
@@ -49,8 +51,70 @@ def token_positions(context_len: int, words: Optional[int] = None, device=None) 
     return (starts + 1 + torch.arange(per_chunk, device=device)).flatten()
 
 
-def attention_chunks(heads: int, q_len: int, latent: Optional[int], held: int, per_query: int) -> Tuple[int, int]:
-    """How `token_attention` splits one row's work into fused attention calls: (heads per group, query
+def attention_chunks(heads: int, d: int, q_len: int, t_len: int, latent: Optional[int],
+                     fold_width: int = 0) -> Tuple[int, int, bool]:
+    """How `token_attention` splits one row's work: (heads per group, query positions per chunk,
+    fold), from the sizes, so that what it holds at once stays below `latent` elements (one row's
+    latent, C x H x W), down to a latent that holds one query's scores.
+
+    A group's keys (d x T per head, float32) are computed once and kept while its query chunks run;
+    they take at most a quarter of a latent (one head at least). Each chunk then holds its queries
+    (c x d per head) and their scores (c x T per head); the chunk gets half of what is left below one
+    latent: the largest chunk the memory target allows, so few chunks run. When one head's keys alone
+    are a latent or more (a small latent: SD 1.5 below 512 px), no keys are kept (fold): a chunk of
+    one head computes its scores from the text itself, (q W_k) context^T, holding `fold_width`
+    floats per query more (the text's width; 0 when the keys are given), within half a latent.
+    `latent` None: everything at once (one group, one chunk).
+    """
+    if latent is None:
+        return heads, q_len, False
+    group = max(1, min(heads, (latent // 4) // max(1, t_len * d)))
+    keys = group * t_len * d
+    fold = keys >= latent  # group is 1 then
+    room = latent // 2 if fold else (latent - keys) // 2
+    per_query = group * (d + t_len + 4) + (fold_width if fold else 0)  # a query row, its scores, max, sums
+    return group, max(1, min(q_len, room // per_query)), fold
+
+
+def _selector(positions: torch.Tensor, t_len: int, device) -> torch.Tensor:
+    """A float32 (T,) vector with 1 at `positions`: the scores' sum over the positions as one product."""
+    sel = torch.zeros(t_len, dtype=torch.float32, device=device)
+    return sel.index_fill_(0, positions.to(device), 1.0)
+
+
+def _token_sum(rows: int, q_len: int, heads: int, d: int, t_len: int, positions: torch.Tensor, latent, device,
+               queries, keys, folded, fold_width: int = 0) -> torch.Tensor:
+    """The (rows, Q) sum over heads and `positions` of softmax(q k^T / sqrt(d)), chunked by
+    `attention_chunks`. keys(r, h0, h1, scale): row r's float32 keys of heads h0..h1 times `scale`
+    (the scores' 1/sqrt(d), applied once per group), a new (g, d, T) tensor, (d, T) for one head;
+    queries(r, h0, h1): a function (c0, c1) -> the float32 queries of those heads at query positions
+    c0..c1, (g, c, d), (c, d) for one head (matrix products: fewer steps per chunk);
+    folded(r, h, q, scale): the scores (c, T) of head h's queries q without its keys (fold)."""
+    group, chunk, fold = attention_chunks(heads, d, q_len, t_len, latent, fold_width)
+    out = torch.zeros(rows, q_len, dtype=torch.float32, device=device)
+    sel = _selector(positions, t_len, device)
+    scale = d ** -0.5
+    for r in range(rows):
+        acc = out[r]
+        for h0 in range(0, heads, group):
+            h1 = min(heads, h0 + group)
+            kt = None if fold else keys(r, h0, h1, scale)  # kept for the group's chunks
+            chunk_queries = queries(r, h0, h1)
+            for c0 in range(0, q_len, chunk):
+                c1 = min(q_len, c0 + chunk)
+                q = chunk_queries(c0, c1)
+                s = folded(r, h0, q, scale) if fold else torch.matmul(q, kt)  # the scores
+                del q
+                s.sub_(s.amax(dim=-1, keepdim=True)).exp_()  # softmax's numerators, in place
+                part = torch.matmul(s, sel).div_(s.sum(dim=-1))  # softmax summed over the positions
+                del s
+                acc[c0:c1].add_(part if part.dim() == 1 else part.sum(dim=0))
+            del kt  # freed before the next group's keys are made
+    return out
+
+
+def fused_chunks(heads: int, q_len: int, latent: Optional[int], held: int, per_query: int) -> Tuple[int, int]:
+    """How `fused_token_attention` splits one row's work into fused attention calls: (heads per group, query
     positions per call), so that what a call holds stays below `latent` elements (one row's latent,
     C x H x W). `held`: float32 elements kept per head while a group's calls run (its keys, when they
     are made; 0 when the given keys are used as they are); `per_query`: elements per query and head
@@ -104,26 +168,26 @@ def _indicator_sum(rows: int, q_len: int, heads: int, t_len: int, width: int, sc
     return out
 
 
-def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: torch.Tensor,
-                    latent: Optional[int] = None) -> torch.Tensor:
+def fused_token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: torch.Tensor,
+                          latent: Optional[int] = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) of one attention layer, summed over its heads and over the key
     `positions`: (B, Q) float32 from q (B, Q, heads*d) and k (B, T, heads*d), or q (B, heads, Q, d)
     and k (B, heads, T, d).
 
-    One fused attention with an indicator value per head group and query chunk (`_indicator_sum`) on
+    `token_attention`'s fused way (the default on CUDA): one fused attention with an indicator value per head group and query chunk (`_indicator_sum`) on
     q and k as they are (views, no copy), in their dtype: float32 stays float32; with float16 /
     bfloat16 inputs the fused kernels compute the softmax in float32 inside, and only each head's
     sum is rounded to the inputs' precision before the float32 sum over heads (a float32 copy of
     SD3's keys at 1024 px alone would be larger than a latent). The calls are sized from `latent` (the
     elements of one row's latent, C x H x W; see `attention_chunks`) so that their outputs stay below
-    it. The caller divides the sum over layers by the number of heads x layers (the mean).
+    it. The math kernel is excluded: where no fused kernel takes the inputs, a RuntimeError.
     """
     if q.dim() == 3:
         q, k = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k))  # views
     k = k.to(q.dtype)
     b, heads, nq, d = q.shape
     t_len = k.shape[2]
-    group, chunk = attention_chunks(heads, nq, latent, 0, d)
+    group, chunk = fused_chunks(heads, nq, latent, 0, d)
 
     def keys(r, h0, h1):
         return k[r:r + 1, h0:h1]
@@ -131,26 +195,108 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: tor
     def queries(r, h0, h1, c0, c1):
         return q[r:r + 1, h0:h1, c0:c1]
 
-    return _indicator_sum(b, nq, heads, t_len, d, d ** -0.5, positions, group, chunk, q.dtype, q.device, queries,
-                          keys)
+    with sdpa_kernel(FUSED_KERNELS):  # never the math kernel: it would hold every probability
+        return _indicator_sum(b, nq, heads, t_len, d, d ** -0.5, positions, group, chunk, q.dtype, q.device,
+                              queries, keys)
+
+
+
+
+def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: torch.Tensor,
+                    latent: Optional[int] = None, fused: Optional[bool] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) of one cross-attention layer, summed over its heads and over the
+    token `positions`: (B, Q) from q (B, Q, heads*d) and k (B, T, heads*d).
+
+    Computed in float32, in chunks of heads and query positions sized from `latent` (the elements of
+    one row's latent, C x H x W; see `attention_chunks`): never the (B, heads, Q, T) probabilities
+    at once. The caller divides the sum over layers by the number of heads x layers (the mean).
+
+    `fused` (default: on CUDA) computes the same sums with the fused attention kernels instead
+    (`fused_token_attention`); where none takes the inputs, the chunks above. Not the default on the
+    CPU: its fused kernel needs a value as wide as the queries, so it does twice the products of the
+    scores (measured on the CPU: 2 to 2.5 times the time of these chunks, at the same memory bound).
+    """
+    if fused if fused is not None else q.device.type == "cuda":
+        try:
+            return fused_token_attention(q, k, heads, positions, latent)
+        except RuntimeError as e:
+            if "kernel" not in str(e):
+                raise
+    b, nq, inner = q.shape
+    d = inner // heads
+    t_len = k.shape[1]
+
+    def keys(r, h0, h1, scale):
+        kt = k[r, :, h0 * d:h1 * d].t().reshape(h1 - h0, d, t_len)  # a view of k
+        kt = kt.to(torch.float32, copy=True).mul_(scale)
+        return kt[0] if h1 == h0 + 1 else kt
+
+    def queries(r, h0, h1):
+        qr, g = q[r, :, h0 * d:h1 * d], h1 - h0
+        if g == 1:
+            return lambda c0, c1: qr[c0:c1].float()
+        return lambda c0, c1: qr[c0:c1].float().view(c1 - c0, g, d).transpose(0, 1)
+
+    def folded(r, h, qc, scale):  # the given keys as they are (a copy only from another dtype)
+        return torch.matmul(qc, k[r, :, h * d:(h + 1) * d].float().t()).mul_(scale)
+
+    return _token_sum(b, nq, heads, d, t_len, positions, latent, q.device, queries, keys, folded)
 
 
 def projected_token_attention(x: torch.Tensor, context: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                               heads: int, positions: torch.Tensor, latent: Optional[int] = None,
                               q_bias: Optional[torch.Tensor] = None,
-                              k_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                              k_bias: Optional[torch.Tensor] = None, fused: Optional[bool] = None) -> torch.Tensor:
     """`token_attention` of the layer's own projections q = x W_q^T (+ b_q), k = context W_k^T (+ b_k),
-    projected call by call: x (B, Q, C), context (B, T, C_ctx), q_weight (heads*d, C), k_weight
-    (heads*d, C_ctx). Neither q nor k of all heads is ever held: per call, the queries of its heads
-    and positions; per head group, its keys. Where one head's keys alone would take half a latent
-    or more (SD 1.5 at 512 px and below), no keys are made and no fused kernel runs (`_folded_sum`).
-    The projections run in the inputs' dtype (as the layer runs them), the attention in float32."""
+    projected chunk by chunk: x (B, Q, C), context (B, T, C_ctx), q_weight (heads*d, C), k_weight
+    (heads*d, C_ctx). Neither q nor k of all heads is ever held: per chunk, the queries of its heads
+    and positions; per head group, its keys (or, for a latent smaller than one head's keys, none:
+    the scores as (q W_k) context^T). The projections run in the inputs' dtype (as the layer runs
+    them), the rest in float32. `fused` (default: on CUDA): the heads' keys (float32) and the queries
+    per call are projected the same way, and each call is one fused attention with an indicator value
+    (`_indicator_sum`), where one head's keys take less than half the latent."""
     b, nq, _ = x.shape
     d = q_weight.shape[0] // heads
-    t_len, width = context.shape[1], context.shape[2]
-    if latent is not None and t_len * d >= latent // 2:
-        return _folded_sum(x, context, q_weight, k_weight, heads, positions, latent, q_bias)
-    group, chunk = attention_chunks(heads, nq, latent, t_len * d, 2 * d)
+    t_len = context.shape[1]
+    if (fused if fused is not None else x.device.type == "cuda") and (latent is None or t_len * d < latent // 2):
+        try:
+            return _fused_projected(x, context, q_weight, k_weight, heads, positions, latent, q_bias, k_bias)
+        except RuntimeError as e:
+            if "kernel" not in str(e):
+                raise
+
+    def keys(r, h0, h1, scale):
+        kt = torch.matmul(k_weight[h0 * d:h1 * d], context[r].t())  # (g*d, T): the keys, already transposed
+        if k_bias is not None:
+            kt += k_bias[h0 * d:h1 * d].unsqueeze(1)
+        kt = kt.float().mul_(scale)  # .float(): a copy only from another dtype
+        return kt if h1 == h0 + 1 else kt.view(h1 - h0, d, t_len)
+
+    def queries(r, h0, h1):
+        xr, w, g = x[r], q_weight[h0 * d:h1 * d], h1 - h0
+        bias = None if q_bias is None else q_bias[h0 * d:h1 * d]
+        if g == 1:
+            return lambda c0, c1: F.linear(xr[c0:c1], w, bias).float()
+        return lambda c0, c1: F.linear(xr[c0:c1], w, bias).float().view(c1 - c0, g, d).transpose(0, 1)
+
+    def folded(r, h, qc, scale):  # q k^T = (q W_k) context^T (+ q b_k): no keys held
+        wk = k_weight[h * d:(h + 1) * d]
+        s = torch.matmul(torch.matmul(qc.to(wk.dtype), wk), context[r].t()).float()
+        if k_bias is not None:
+            s += torch.matmul(qc, k_bias[h * d:(h + 1) * d].float()).unsqueeze(1)
+        return s.mul_(scale)
+
+    return _token_sum(b, nq, heads, d, t_len, positions, latent, x.device, queries, keys, folded,
+                      context.shape[2])
+
+
+def _fused_projected(x, context, q_weight, k_weight, heads: int, positions: torch.Tensor, latent, q_bias, k_bias):
+    """`projected_token_attention` through the fused kernels (`_indicator_sum`): per head group its keys
+    (float32), per call its queries."""
+    b, nq, _ = x.shape
+    d = q_weight.shape[0] // heads
+    t_len = context.shape[1]
+    group, chunk = fused_chunks(heads, nq, latent, t_len * d, 2 * d)
 
     def keys(r, h0, h1):
         bias = None if k_bias is None else k_bias[h0 * d:h1 * d]
@@ -162,35 +308,9 @@ def projected_token_attention(x: torch.Tensor, context: torch.Tensor, q_weight: 
         qr = F.linear(x[r, c0:c1], q_weight[h0 * d:h1 * d], bias).float()  # (c, g*d)
         return qr.view(1, c1 - c0, h1 - h0, d).transpose(1, 2)
 
-    return _indicator_sum(b, nq, heads, t_len, d, d ** -0.5, positions, group, chunk, torch.float32, x.device,
-                          queries, keys)
-
-
-def _folded_sum(x, context, q_weight, k_weight, heads: int, positions: torch.Tensor, latent: int, q_bias=None):
-    """`projected_token_attention` where one head's keys would take half the latent or more: per head
-    and chunk of query positions, the scores (c, T) as (q W_k) context^T (no keys; + q b_k is the same
-    for every key of a query, the softmax leaves it out), their softmax's numerators summed over the
-    positions with one product. The fused kernel is not used here: it would need the head's keys."""
-    b, nq, _ = x.shape
-    d = q_weight.shape[0] // heads
-    t_len, width = context.shape[1], context.shape[2]
-    chunk = max(1, min(nq, (latent // 2) // (d + width + t_len + 4)))  # a query, its q W_k, scores, sums
-    sel = torch.zeros(t_len, dtype=torch.float32, device=x.device).index_fill_(0, positions.to(x.device), 1.0)
-    out = torch.zeros(b, nq, dtype=torch.float32, device=x.device)
-    scale = d ** -0.5
-    for r in range(b):
-        for h in range(heads):
-            wq, wk = q_weight[h * d:(h + 1) * d], k_weight[h * d:(h + 1) * d]
-            bias = None if q_bias is None else q_bias[h * d:(h + 1) * d]
-            for c0 in range(0, nq, chunk):
-                c1 = min(nq, c0 + chunk)
-                q = F.linear(x[r, c0:c1], wq, bias)
-                s = torch.matmul(torch.matmul(q.to(wk.dtype), wk), context[r].t()).float().mul_(scale)
-                del q
-                s.sub_(s.amax(dim=-1, keepdim=True)).exp_()  # softmax's numerators, in place
-                out[r, c0:c1] += torch.matmul(s, sel).div_(s.sum(dim=-1))
-                del s
-    return out
+    with sdpa_kernel(FUSED_KERNELS):
+        return _indicator_sum(b, nq, heads, t_len, d, d ** -0.5, positions, group, chunk, torch.float32, x.device,
+                              queries, keys)
 
 
 def smoothing_kernel(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:

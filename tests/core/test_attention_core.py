@@ -13,8 +13,9 @@ import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from sega_core import Concept, Plan, SEGAValueError, sega_step
-from sega_core.attention import (attention_chunks, attention_mask, combine_masks, intersects,
-                                 projected_token_attention, smooth, smoothing_kernel, token_attention, token_positions)
+from sega_core.attention import (attention_chunks, attention_mask, combine_masks, fused_chunks, fused_token_attention,
+                                 intersects, projected_token_attention, smooth, smoothing_kernel, token_attention,
+                                 token_positions)
 from sega_core.ledits import implicit_mask, ledits_guidance
 
 
@@ -202,10 +203,9 @@ def test_sega_step_with_attention_masks(both):
 
 
 def test_projected_token_attention_equals_diffusers_in_any_chunking():
-    """The fused attention with an indicator value, of the layer's own projections, equals diffusers'
-    probabilities summed over the positions, whatever the calls (from a latent so small that every call
-    is one query of one head attending with q W_k to the text, to everything at once), with and without
-    projection biases."""
+    """The chunked sum of the layer's own projections equals diffusers' probabilities summed over the
+    positions, whatever the chunks (from a latent so small that every chunk is one query of one head,
+    to everything at once), with and without projection biases."""
     attention = pytest.importorskip("diffusers.models.attention_processor")
     torch.manual_seed(1)
     heads, dim_head = 4, 8
@@ -215,18 +215,24 @@ def test_projected_token_attention_equals_diffusers_in_any_chunking():
         probs = attn.get_attention_scores(attn.head_to_batch_dim(attn.to_q(x)), attn.head_to_batch_dim(attn.to_k(ctx)))
         pos = token_positions(77)
         want = probs.view(2, heads, 20, 77)[..., pos].sum(dim=(1, 3))
-        seen = set()
-        for latent in (1, 606, 1240, 2000, 6000, 10 ** 6, None):
-            if latent is None or 77 * dim_head < latent // 2:  # else no keys are made (q W_k against the text)
-                seen.add(attention_chunks(heads, 20, latent, 77 * dim_head, 2 * dim_head))
+        seen, fused_seen = set(), set()
+        for latent in (1, 606, 2000, 6000, 10 ** 6, None):
+            seen.add(attention_chunks(heads, dim_head, 20, 77, latent, 12))
             with torch.no_grad():
                 got = projected_token_attention(x, ctx, attn.to_q.weight, attn.to_k.weight, heads, pos, latent,
                                                 attn.to_q.bias, attn.to_k.bias)
             assert torch.allclose(got, want, atol=1e-5, rtol=0), (bias, latent)
-            assert torch.allclose(token_attention(attn.to_q(x).detach(), attn.to_k(ctx).detach(), heads, pos, latent),
-                                  want, atol=1e-5, rtol=0)
-        assert len(seen) == 4  # the latents above split the work in different ways (10 ** 6: all at once)
-        assert (1, 19) in seen and (heads, 20) in seen  # 1240: one head and part of the queries per call
+            q, k = attn.to_q(x).detach(), attn.to_k(ctx).detach()
+            for fused in (False, True):  # the chunked scores, the fused kernel with an indicator value
+                assert torch.allclose(token_attention(q, k, heads, pos, latent, fused=fused), want, atol=1e-5, rtol=0)
+            with torch.no_grad():
+                got = projected_token_attention(x, ctx, attn.to_q.weight, attn.to_k.weight, heads, pos, latent,
+                                                attn.to_q.bias, attn.to_k.bias, fused=True)
+            assert torch.allclose(got, want, atol=1e-5, rtol=0), (bias, latent)
+            fused_seen.add(fused_chunks(heads, 20, latent, 0, dim_head))
+        assert len(seen) == 5  # the latents above chunk the work in different ways (10 ** 6: all at once)
+        assert any(fold for _, _, fold in seen)  # no keys held (a latent below one head's keys) too
+        assert fused_seen == {(1, 1), (heads, 9), (heads, 20)}  # one query of one head per call, .., all at once
 
 
 @pytest.mark.parametrize("side", [64, 32])
@@ -254,3 +260,23 @@ def test_capture_memory_stays_below_one_latent_sd15(side):
     assert torch.allclose(chunked.result, whole.result, atol=1e-5, rtol=0)
     q, k = x @ wq.t(), ctx @ wk.t()
     assert allocations(lambda: token_attention(q, k, heads, pos, latent)).peak < latent_bytes
+
+
+def test_fused_way_at_sd3_1024_px_stays_below_one_latent():
+    """The fused way (scaled_dot_product_attention with the text's indicator as its value, the math
+    kernel excluded: it would raise rather than hold the probabilities) at the shapes of one SD3 joint
+    call at 1024 px: 4096 image queries, 154 text + 4096 image keys, 24 heads of 64, a 16x128x128
+    latent. Measured with torch.profiler: it peaks below one latent, where the probabilities at once
+    are 1,594 latents; the sums equal the chunked scores' within 1e-5."""
+    from harness.memory import allocations
+
+    g = torch.Generator().manual_seed(0)
+    heads, d, txt, n = 24, 64, 154, 4096
+    q = torch.randn(1, txt + n, heads * d, generator=g)
+    pos = torch.arange(txt)
+    latent = 16 * 128 * 128
+    used = allocations(lambda: fused_token_attention(q[:, txt:], q, heads, pos, latent))
+    assert used.peak < latent * 4, used.peak / (latent * 4)
+    assert heads * n * (txt + n) > 1500 * latent
+    assert torch.allclose(used.result, token_attention(q[:, txt:], q, heads, pos, latent, fused=False), atol=1e-5,
+                          rtol=0)
