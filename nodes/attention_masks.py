@@ -6,10 +6,11 @@ attention patches) is put on a model whose SEGA concepts use mask_from "attentio
 transformer_options and that capture is waiting for an evaluation. Then, only at the
 cross-attention layers of the down and up blocks whose query map is a quarter of the latent (as
 diffusers' LEDITS++ picks them) and only for the concept rows, it recomputes softmax(q k^T) from
-the layer's own to_q / to_k weights (optimised attention kernels never return probabilities), in
-chunks of heads and query positions sized from the latent, so that what it holds stays below one
-latent per concept (sega_core.attention.projected_token_attention), reduces it to one (B, h*w) sum
-per concept (token positions: sega_core.attention.token_positions, all of CLIP's 75 or the
+the layer's own to_q / to_k weights (optimised attention kernels never return probabilities): on
+CUDA as fused attention calls whose value is the indicator of the token positions, on the CPU as
+chunked scores, in head groups and query chunks sized from the latent, so that what it holds stays
+below one latent per concept (sega_core.attention.projected_token_attention), reduces it to one
+(B, h*w) sum per concept (token positions: sega_core.attention.token_positions, all of CLIP's 75 or the
 concept's words) and returns its inputs unchanged: the model's output stays bit for bit what it was.
 
 Which rows are the concepts': calc_cond_batch puts each cond's index in the evaluation's conds list
@@ -138,7 +139,9 @@ class AttentionCapture:
     def joint(self, q: torch.Tensor, k: torch.Tensor, pe, extra_options: dict) -> None:
         """Flux's double blocks (joint attention; q, k: (rows, heads, text + image tokens, d) before
         RoPE): the image tokens' attention to the text tokens, with RoPE applied as the block's own
-        attention applies it, summed over every text position (T5 has no start token) and the heads."""
+        attention applies it, summed over every text position (T5 has no start token) and the heads;
+        sized from the row's latent as on SD3 (token_attention: fused on CUDA, chunked scores on the
+        CPU; the RoPE'd q and k of the row are made whole)."""
         cond_or_uncond = extra_options.get("cond_or_uncond") or []
         if extra_options.get("block_type") != "double" or not cond_or_uncond or self._latent is None:
             return
@@ -154,6 +157,7 @@ class AttentionCapture:
         heads = q.shape[1]
         b = q.shape[0] // len(cond_or_uncond)
         positions = self.positions(txt, q.device, clip=False)
+        latent = hw[0] * hw[1] * int(getattr(self.diffusion_model, "out_channels", 64))  # the patches' channels
         with torch.no_grad():
             for chunk, index in enumerate(cond_or_uncond):
                 c = self._index.get(index)
@@ -164,7 +168,8 @@ class AttentionCapture:
                 if pe is not None:
                     qr, kr = apply_rope(qr, kr, pe[rows] if pe.shape[0] == q.shape[0] else pe)
                 qi = qr[:, :, txt:txt + hw[0] * hw[1]]
-                s = token_attention(qi.transpose(1, 2).flatten(2), kr.transpose(1, 2).flatten(2), heads, positions)
+                s = token_attention(qi.transpose(1, 2).flatten(2), kr.transpose(1, 2).flatten(2), heads, positions,
+                                    latent)
                 self._sums[c] = s if c not in self._sums else self._sums[c] + s
                 self._heads[c] = self._heads.get(c, 0) + heads
         self._hw = hw
@@ -237,7 +242,8 @@ def start_capture(model_options: dict, model_patcher, mask_words=()) -> Attentio
 
 def masks_for(maps: Dict[int, torch.Tensor], needed, plan, x: torch.Tensor, where) -> list:
     """Per concept of the plan: M1 at x's latent size (B, 1, H, W) for the concepts in `needed`, else
-    None; (B, 1, 1, H, W) for a video latent (B, C, T, H, W): one mask for every frame. `where(c)` names concept c in the error when its map is missing."""
+    None; (B, 1, 1, H, W) for a video latent (B, C, T, H, W): one mask for every frame. `where(c)` names
+    concept c in the error when its map is missing."""
     out = [None] * len(plan)
     for c in needed:
         m = maps.get(c)
