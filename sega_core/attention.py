@@ -7,8 +7,9 @@ the softmax attention probabilities of the concept's prediction at the cross-att
 query map is a quarter of the latent (down and up blocks, not the middle), averaged over layers and
 heads and summed over the token positions after the start token; smoothed with a 3x3 Gaussian
 (reflect padding); kept where at least the per-sample threshold-quantile; resized (nearest) to the
-latent. A host reduces the probabilities as the model runs (`token_attention`) and hands the sums
-here.
+latent. A host reduces the probabilities as the model runs (`token_attention`: chunked scores, or
+on CUDA fused attention calls whose value is the indicator of the token positions, never every
+probability at once) and hands the sums here.
 
 Nothing here imports ComfyUI.
 """
@@ -114,9 +115,9 @@ def _token_sum(rows: int, q_len: int, heads: int, d: int, t_len: int, positions:
 
 
 def fused_chunks(heads: int, q_len: int, latent: Optional[int], held: int, per_query: int) -> Tuple[int, int]:
-    """How `fused_token_attention` splits one row's work into fused attention calls: (heads per group, query
-    positions per call), so that what a call holds stays below `latent` elements (one row's latent,
-    C x H x W). `held`: float32 elements kept per head while a group's calls run (its keys, when they
+    """How the fused way (`_indicator_sum`) splits one row's work into attention calls: (heads per
+    group, query positions per call), so that what a call holds stays below `latent` elements (one
+    row's latent, C x H x W). `held`: float32 elements kept per head while a group's calls run (its keys, when they
     are made; 0 when the given keys are used as they are); `per_query`: elements per query and head
     that a call makes (the attention's output row, and the query row when it is made).
 
@@ -174,13 +175,14 @@ def fused_token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, position
     `positions`: (B, Q) float32 from q (B, Q, heads*d) and k (B, T, heads*d), or q (B, heads, Q, d)
     and k (B, heads, T, d).
 
-    `token_attention`'s fused way (the default on CUDA): one fused attention with an indicator value per head group and query chunk (`_indicator_sum`) on
-    q and k as they are (views, no copy), in their dtype: float32 stays float32; with float16 /
-    bfloat16 inputs the fused kernels compute the softmax in float32 inside, and only each head's
-    sum is rounded to the inputs' precision before the float32 sum over heads (a float32 copy of
-    SD3's keys at 1024 px alone would be larger than a latent). The calls are sized from `latent` (the
-    elements of one row's latent, C x H x W; see `attention_chunks`) so that their outputs stay below
-    it. The math kernel is excluded: where no fused kernel takes the inputs, a RuntimeError.
+    `token_attention`'s fused way (the default on CUDA): one fused attention with an indicator value
+    per head group and query chunk (`_indicator_sum`) on q and k as they are (views, no copy), in
+    their dtype: float32 stays float32; with float16 / bfloat16 inputs the fused kernels compute the
+    softmax in float32 inside, and only each head's sum is rounded to the inputs' precision before
+    the float32 sum over heads (a float32 copy of SD3's keys at 1024 px alone would be larger than a
+    latent). The calls are sized from `latent` (the elements of one row's latent, C x H x W; see
+    `fused_chunks`) so that their outputs stay below it. The math kernel is excluded: where no fused
+    kernel takes the inputs, a RuntimeError.
     """
     if q.dim() == 3:
         q, k = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k))  # views
@@ -198,8 +200,6 @@ def fused_token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, position
     with sdpa_kernel(FUSED_KERNELS):  # never the math kernel: it would hold every probability
         return _indicator_sum(b, nq, heads, t_len, d, d ** -0.5, positions, group, chunk, q.dtype, q.device,
                               queries, keys)
-
-
 
 
 def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: torch.Tensor,
