@@ -64,7 +64,8 @@ def attention_chunks(heads: int, d: int, q_len: int, t_len: int, latent: Optiona
     latent: the largest chunk the memory target allows, so few chunks run. When one head's keys alone
     are a latent or more (a small latent: SD 1.5 below 512 px), no keys are kept (fold): a chunk of
     one head computes its scores from the text itself, (q W_k) context^T, holding `fold_width`
-    floats per query more (the text's width; 0 when the keys are given), within half a latent.
+    floats per query more (the text's width; 0 when the keys are given), within three quarters of a
+    latent (nothing else is held then; fewer chunks: on SD3's 256 px bench model 18% less time).
     `latent` None: everything at once (one group, one chunk).
     """
     if latent is None:
@@ -72,7 +73,7 @@ def attention_chunks(heads: int, d: int, q_len: int, t_len: int, latent: Optiona
     group = max(1, min(heads, (latent // 4) // max(1, t_len * d)))
     keys = group * t_len * d
     fold = keys >= latent  # group is 1 then
-    room = latent // 2 if fold else (latent - keys) // 2
+    room = latent * 3 // 4 if fold else (latent - keys) // 2
     per_query = group * (d + t_len + 4) + (fold_width if fold else 0)  # a query row, its scores, max, sums
     return group, max(1, min(q_len, room // per_query)), fold
 
