@@ -280,3 +280,30 @@ def test_fused_way_at_sd3_1024_px_stays_below_one_latent():
     assert heads * n * (txt + n) > 1500 * latent
     assert torch.allclose(used.result, token_attention(q[:, txt:], q, heads, pos, latent, fused=False), atol=1e-5,
                           rtol=0)
+
+
+def test_the_cpu_fused_kernel_takes_the_strided_indicator_value_not_a_narrow_one():
+    """Why the value is as wide as the queries: with the math kernel excluded, the CPU has no kernel for
+    a one-column value (torch 2.13 / 2.14: it would fall back to the math kernel, which holds every
+    probability), while the strided indicator of T + d floats is taken by the flash kernel, which
+    holds no (Q, T) probabilities: its peak stays below them (measured with torch.profiler)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    from harness.memory import allocations
+    from sega_core.attention import FUSED_KERNELS, _indicator
+
+    g = torch.Generator().manual_seed(0)
+    heads, nq, t_len, d = 8, 1024, 77, 64
+    q, k = torch.randn(1, heads, nq, d, generator=g), torch.randn(1, heads, t_len, d, generator=g)
+    pos = token_positions(t_len)
+    v = _indicator(pos, t_len, d, torch.float32, "cpu").expand(1, heads, t_len, d)
+    assert v.untyped_storage().nbytes() == (t_len + d - 1) * 4
+    with sdpa_kernel(FUSED_KERNELS):
+        with pytest.raises(RuntimeError, match="kernel"):
+            F.scaled_dot_product_attention(q, k, v[..., :1])
+        used = allocations(lambda: F.scaled_dot_product_attention(q, k, v))
+    probabilities = heads * nq * t_len * 4
+    assert used.peak < probabilities
+    want = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1)[..., pos].sum(dim=-1)
+    assert torch.allclose(used.result[..., 0], want, atol=1e-5, rtol=0)
