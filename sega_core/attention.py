@@ -137,12 +137,13 @@ def fused_chunks(heads: int, q_len: int, latent: Optional[int], held: int, per_q
 
 def _indicator(positions: torch.Tensor, t_len: int, width: int, dtype, device) -> torch.Tensor:
     """The attention's value: (1, 1, T, width) whose first column is 1 at `positions`, 0 elsewhere, as
-    a view of T + width - 1 elements (row j is elements j .. j + width - 1; only column 0 is read).
+    a view of 8 (T - 1) + width elements (row j starts at element 8 j, rows overlap; only column 0 is
+    read; a row stride of 8 elements keeps every row 16-byte aligned, as CUDA's kernels load them).
     The CPU's fused kernel needs a value as wide as the queries (a narrower one falls back to the math
-    kernel, which holds every probability); this one costs T + width elements, not T x width."""
-    ind = torch.zeros(t_len + width - 1, dtype=dtype, device=device)
-    ind.index_fill_(0, positions.to(device), 1.0)
-    return ind.as_strided((1, 1, t_len, width), (0, 0, 1, 1))
+    kernel, which holds every probability); this one costs 8 T + width elements, not T x width."""
+    ind = torch.zeros(8 * (t_len - 1) + width, dtype=dtype, device=device)
+    ind.index_fill_(0, positions.to(device) * 8, 1.0)
+    return ind.as_strided((1, 1, t_len, width), (0, 0, 8, 1))
 
 
 def _indicator_sum(rows: int, q_len: int, heads: int, t_len: int, width: int, scale: float,
@@ -220,9 +221,10 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: tor
     if fused if fused is not None else q.device.type == "cuda":
         try:
             return fused_token_attention(q, k, heads, positions, latent)
-        except RuntimeError as e:
-            if "kernel" not in str(e):
-                raise
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # no fused kernel takes these inputs: the chunks below (the same bound)
+            pass
     b, nq, inner = q.shape
     d = inner // heads
     t_len = k.shape[1]
@@ -262,9 +264,10 @@ def projected_token_attention(x: torch.Tensor, context: torch.Tensor, q_weight: 
     if (fused if fused is not None else x.device.type == "cuda") and (latent is None or t_len * d < latent // 2):
         try:
             return _fused_projected(x, context, q_weight, k_weight, heads, positions, latent, q_bias, k_bias)
-        except RuntimeError as e:
-            if "kernel" not in str(e):
-                raise
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # no fused kernel takes these inputs: the chunks below (the same bound)
+            pass
 
     def keys(r, h0, h1, scale):
         kt = torch.matmul(k_weight[h0 * d:h1 * d], context[r].t())  # (g*d, T): the keys, already transposed

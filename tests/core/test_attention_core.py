@@ -285,7 +285,7 @@ def test_fused_way_at_sd3_1024_px_stays_below_one_latent():
 def test_the_cpu_fused_kernel_takes_the_strided_indicator_value_not_a_narrow_one():
     """Why the value is as wide as the queries: with the math kernel excluded, the CPU has no kernel for
     a one-column value (torch 2.13 / 2.14: it would fall back to the math kernel, which holds every
-    probability), while the strided indicator of T + d floats is taken by the flash kernel, which
+    probability), while the strided indicator of 8 T + d floats is taken by the flash kernel, which
     holds no (Q, T) probabilities: its peak stays below them (measured with torch.profiler)."""
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
@@ -298,7 +298,7 @@ def test_the_cpu_fused_kernel_takes_the_strided_indicator_value_not_a_narrow_one
     q, k = torch.randn(1, heads, nq, d, generator=g), torch.randn(1, heads, t_len, d, generator=g)
     pos = token_positions(t_len)
     v = _indicator(pos, t_len, d, torch.float32, "cpu").expand(1, heads, t_len, d)
-    assert v.untyped_storage().nbytes() == (t_len + d - 1) * 4
+    assert v.untyped_storage().nbytes() == (8 * (t_len - 1) + d) * 4  # not T x d
     with sdpa_kernel(FUSED_KERNELS):
         with pytest.raises(RuntimeError, match="kernel"):
             F.scaled_dot_product_attention(q, k, v[..., :1])
