@@ -28,11 +28,11 @@ concept's tokens are attended):
   broadcasts over every frame.
 
 Cost: the override adds one Python call per attention call; while a concept row is captured, its
-map is computed separately (optimised kernels return no probabilities) as one more fused attention
-of the concept row's own q and k, with the indicator of the text positions as its value
-(sega_core.attention.token_attention), split by heads and query positions so that its outputs stay
-below half of the row's latent (the latent's elements: the image tokens x the patch's x the
-model's output channels).
+map is computed separately (optimised kernels return no probabilities) from the call's own q and k
+(sega_core.attention.token_attention): on CUDA as fused attention calls whose value is the indicator
+of the text positions, on the CPU as chunked scores; either way split by heads and query positions
+so that what it holds stays below the row's latent (its elements: the image tokens x the patch's x
+the model's output channels).
 """
 from __future__ import annotations
 
