@@ -20,7 +20,7 @@ MODULE_NAME = "comfyui_sega_under_test"
 NEVER = 10000
 CONCEPT_DEFAULTS = {"edit_scale": 5.0, "direction": "add", "threshold": 0.9, "warmup": 10, "cooldown": NEVER,
                     "weight": 1.0}
-CONCEPT_OPTIONAL = ("label", "concepts", "mask", "window_unit")
+CONCEPT_OPTIONAL = ("label", "concepts", "mask", "window_unit", "mask_from", "attention_tokens")
 
 
 def import_pack():
@@ -59,6 +59,17 @@ def concept_inputs(conditioning=None, **settings) -> dict:
     inputs.update(CONCEPT_DEFAULTS)
     inputs.update(settings)
     return inputs
+
+
+def concept_chain(conds: dict, settings: list, **common):
+    """SEGA Concept nodes run one after another, each taking the previous one's CONCEPTS: one per
+    (name, own settings) of `settings`, on conds[name], labelled name, with `common` under its own
+    settings. Returns the last node's CONCEPTS."""
+    node = pack_module("nodes.concept_nodes").SEGAConcept
+    out = None
+    for name, own in settings:
+        out = node_output(node.execute(**concept_inputs(conds[name], label=name, concepts=out, **{**common, **own})))
+    return out
 
 
 def concept_node(conditioning, **settings) -> dict:

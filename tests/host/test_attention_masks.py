@@ -15,12 +15,10 @@ comfy_host.prepare_host()
 import pytest
 import torch
 
-import comfy.samplers
-
 from families import one_thread  # noqa: F401  (fixture)
-from harness.pack import concept_inputs, node_output, pack_module
+from harness.pack import concept_chain, node_output, pack_module
 from harness.tiny import TINY_MASK_UNET
-from sega_testlib import cond, sample
+from sega_testlib import sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-5  # float32
@@ -54,16 +52,7 @@ def embeddings():
 
 
 def concepts_of(conds: dict, settings: list):
-    node = pack_module("nodes.concept_nodes").SEGAConcept
-    out = None
-    for text, s in settings:
-        s = dict(s)
-        mask_from = s.pop("mask_from", None)
-        inputs = concept_inputs(conds[text], label=text, concepts=out, warmup=0, **s)
-        if mask_from is not None:
-            inputs["mask_from"] = mask_from
-        out = node_output(node.execute(**inputs))
-    return out
+    return concept_chain(conds, settings, warmup=0)
 
 
 def pack_edit(model, conds, x0, settings, combination="ledits"):

@@ -22,7 +22,7 @@ import torch
 import comfy.samplers
 
 from families import FAMILIES, one_thread  # noqa: F401  (fixture)
-from harness.pack import concept_inputs, node_output, pack_module
+from harness.pack import concept_chain, node_output, pack_module
 from sega_testlib import sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,16 +50,7 @@ def text(family: str, seed: int, batch: int = 1):
 
 
 def concepts_of(conds: dict, settings: list):
-    node = pack_module("nodes.concept_nodes").SEGAConcept
-    out = None
-    for name, s in settings:
-        s = dict(s)
-        mask_from = s.pop("mask_from", None)
-        inputs = concept_inputs(conds[name], label=name, concepts=out, warmup=0, **s)
-        if mask_from is not None:
-            inputs["mask_from"] = mask_from
-        out = node_output(node.execute(**inputs))
-    return out
+    return concept_chain(conds, settings, warmup=0)
 
 
 def apply(family: str, settings: list, model=None, log=None):
