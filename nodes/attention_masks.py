@@ -49,6 +49,10 @@ class AttentionCapture:
         self._positions = {}  # (context length, device, clip, words) -> token positions, made once on the device
         self.words: Dict[int, int] = {}  # concept -> its word tokens, when its mask sums only those (mask_words)
         self._timestep = None  # a CPU copy of the model's sigma -> timestep conversion, made once
+        # Wan (attention_override): (concept, image, key count) -> the prompt's token positions, found once
+        # per run; and (transformer_options, block, count) of the last attention call seen
+        self.prompt_positions: Dict[tuple, torch.Tensor] = {}
+        self.wan_call = None
 
     @property
     def waiting(self) -> bool:

@@ -179,7 +179,7 @@ def _prompt_positions(capture, concept: int, row: int, keys: torch.Tensor) -> to
     (to 512 tokens), so every padding position has the key of the last one; with fewer than two such
     positions (no padding) every position counts (a uniform map). Found at the first captured layer of
     a run, once per concept and image (one read-back), then reused."""
-    found = capture.__dict__.setdefault("_prompt_positions", {})
+    found = capture.prompt_positions
     key = (concept, row, keys.shape[0])
     pos = found.get(key)
     if pos is None:
@@ -199,9 +199,9 @@ def _wan(capture, dm, q, k, heads, opts, cond_or_uncond) -> None:
     block = opts.get("block_index")
     if block is None:
         return
-    last = getattr(capture, "_wan_call", None)
+    last = capture.wan_call
     count = last[2] + 1 if last is not None and last[0] is opts and last[1] == block else 1
-    capture._wan_call = (opts, block, count)
+    capture.wan_call = (opts, block, count)
     if count != _wan_text_call(dm, int(block)):
         return
     patch = tuple(int(p) for p in getattr(dm, "patch_size", (1, 2, 2)))
