@@ -20,7 +20,7 @@ evaluates [positive, negative, concept rows...] (indices 2, 3, ...), the photo g
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -87,6 +87,36 @@ class AttentionCapture:
             self._positions[key] = pos
         return pos
 
+    def wants(self, cond_or_uncond) -> bool:
+        """Whether a call over these cond indices holds a row this evaluation captures."""
+        return bool(cond_or_uncond) and any(i in self._index for i in cond_or_uncond)
+
+    def concept_rows(self, batch: int, cond_or_uncond):
+        """(concept, rows) of each captured cond index's rows in a call's batch of `batch` rows."""
+        b = batch // len(cond_or_uncond)
+        for chunk, index in enumerate(cond_or_uncond):
+            c = self._index.get(index)
+            if c is not None:
+                yield c, slice(chunk * b, (chunk + 1) * b)
+
+    def add(self, concept: int, sums: torch.Tensor, heads: int) -> None:
+        """One layer's (B, h*w) sums over `heads` heads for `concept`."""
+        self._sums[concept] = sums if concept not in self._sums else self._sums[concept] + sums
+        self._heads[concept] = self._heads.get(concept, 0) + heads
+
+    def layer_done(self, hw) -> None:
+        """A layer was captured, its map (h, w)."""
+        self._hw = hw
+        self.layers_seen += 1
+
+    def grid(self, patch: int) -> Optional[tuple]:
+        """The evaluation's latent in patches of `patch` (a transformer's token grid), or None when the
+        latent's size is not known."""
+        if self._latent is None:
+            return None
+        h, w = self._latent
+        return (h + patch - 1) // patch, (w + patch - 1) // patch
+
     def timestep(self, model_patcher, sigma: float) -> int:
         """The model's timestep (0..999) at a host sigma, computed on the CPU: a copy of the model's
         model_sampling is made once, so no step waits for the device."""
@@ -116,28 +146,20 @@ class AttentionCapture:
         if self._latent is not None and tuple(shape[-2:]) != self._latent:
             return
         hw = (int(shape[-2] / 4), int(shape[-1] / 4))  # diffusers: (int(h / 4), int(w / 4))
-        if n.shape[1] != hw[0] * hw[1] or not any(i in self._index for i in cond_or_uncond):
+        if n.shape[1] != hw[0] * hw[1] or not self.wants(cond_or_uncond):
             return
         attn = self.layer(extra_options)
         if attn is None:
             return
         heads = int(extra_options["n_heads"])
-        b = n.shape[0] // len(cond_or_uncond)
         # the layer's projections, made chunk by chunk: what the capture holds stays below one latent
         (wq, bq), (wk, bk) = _weights(attn.to_q, n), _weights(attn.to_k, context)
         with torch.no_grad():
-            for chunk, index in enumerate(cond_or_uncond):
-                c = self._index.get(index)
-                if c is None:
-                    continue
-                rows = slice(chunk * b, (chunk + 1) * b)
+            for c, rows in self.concept_rows(n.shape[0], cond_or_uncond):
                 positions = self.positions(context.shape[1], n.device, words=self.words.get(c))
-                s = projected_token_attention(n[rows], context[rows], wq, wk, heads, positions,
-                                              int(shape[1]) * int(shape[2]) * int(shape[3]), bq, bk)
-                self._sums[c] = s if c not in self._sums else self._sums[c] + s
-                self._heads[c] = self._heads.get(c, 0) + heads
-        self._hw = hw
-        self.layers_seen += 1
+                self.add(c, projected_token_attention(n[rows], context[rows], wq, wk, heads, positions,
+                                                      int(shape[1]) * int(shape[2]) * int(shape[3]), bq, bk), heads)
+        self.layer_done(hw)
 
 
     def joint(self, q: torch.Tensor, k: torch.Tensor, pe, extra_options: dict) -> None:
@@ -147,37 +169,26 @@ class AttentionCapture:
         sized from the row's latent as on SD3 (token_attention: fused on CUDA, chunked scores on the
         CPU; the RoPE'd q and k of the row are made whole)."""
         cond_or_uncond = extra_options.get("cond_or_uncond") or []
-        if extra_options.get("block_type") != "double" or not cond_or_uncond or self._latent is None:
+        hw = self.grid(getattr(self.diffusion_model, "patch_size", 2))
+        if extra_options.get("block_type") != "double" or hw is None or not self.wants(cond_or_uncond):
             return
-        if not any(i in self._index for i in cond_or_uncond):
-            return
-        patch = getattr(self.diffusion_model, "patch_size", 2)
-        hw = ((self._latent[0] + patch - 1) // patch, (self._latent[1] + patch - 1) // patch)
         txt = int(extra_options["img_slice"][0])
         if q.shape[2] < txt + hw[0] * hw[1] or txt < 1:
             return
         from comfy.ldm.flux.math import apply_rope
 
         heads = q.shape[1]
-        b = q.shape[0] // len(cond_or_uncond)
         positions = self.positions(txt, q.device, clip=False)
         latent = hw[0] * hw[1] * int(getattr(self.diffusion_model, "out_channels", 64))  # the patches' channels
         with torch.no_grad():
-            for chunk, index in enumerate(cond_or_uncond):
-                c = self._index.get(index)
-                if c is None:
-                    continue
-                rows = slice(chunk * b, (chunk + 1) * b)
+            for c, rows in self.concept_rows(q.shape[0], cond_or_uncond):
                 qr, kr = q[rows], k[rows]
                 if pe is not None:
                     qr, kr = apply_rope(qr, kr, pe[rows] if pe.shape[0] == q.shape[0] else pe)
                 qi = qr[:, :, txt:txt + hw[0] * hw[1]]
-                s = token_attention(qi.transpose(1, 2).flatten(2), kr.transpose(1, 2).flatten(2), heads, positions,
-                                    latent)
-                self._sums[c] = s if c not in self._sums else self._sums[c] + s
-                self._heads[c] = self._heads.get(c, 0) + heads
-        self._hw = hw
-        self.layers_seen += 1
+                self.add(c, token_attention(qi.transpose(1, 2).flatten(2), kr.transpose(1, 2).flatten(2), heads,
+                                            positions, latent), heads)
+        self.layer_done(hw)
 
 
 def attention_patch(n, context, value, extra_options):

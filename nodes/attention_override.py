@@ -99,7 +99,7 @@ def observe(capture, args: tuple, kwargs: dict) -> None:
     the family's maps are taken from)."""
     opts = kwargs["transformer_options"]
     cond_or_uncond = opts.get("cond_or_uncond") or []
-    if not cond_or_uncond or capture._latent is None or not any(i in capture._index for i in cond_or_uncond):
+    if capture.grid(1) is None or not capture.wants(cond_or_uncond):  # no latent size known, or no concept row
         return
     if len(args) < 3 or not all(isinstance(t, torch.Tensor) for t in args[:2]):
         return
@@ -119,29 +119,10 @@ def observe(capture, args: tuple, kwargs: dict) -> None:
         _mmdit(capture, dm, q, k, heads, cond_or_uncond)
 
 
-def _add(capture, concept: int, sums: torch.Tensor, heads: int) -> None:
-    capture._sums[concept] = sums if concept not in capture._sums else capture._sums[concept] + sums
-    capture._heads[concept] = capture._heads.get(concept, 0) + heads
-
-
-def _rows(q: torch.Tensor, cond_or_uncond: list, capture):
-    """(concept, rows slice) of each chunk of the call's batch that is a captured concept's."""
-    b = q.shape[0] // len(cond_or_uncond)
-    for chunk, index in enumerate(cond_or_uncond):
-        c = capture._index.get(index)
-        if c is not None:
-            yield c, slice(chunk * b, (chunk + 1) * b)
-
-
-def _grid(capture, patch: int) -> tuple:
-    h, w = capture._latent
-    return (h + patch - 1) // patch, (w + patch - 1) // patch
-
-
 def _mmdit(capture, dm, q, k, heads, cond_or_uncond) -> None:
     """SD3: a joint block's attention over [text, image]: the image queries' attention to the text keys."""
     patch = int(getattr(dm, "patch_size", 2))
-    hw = _grid(capture, patch)
+    hw = capture.grid(patch)
     n = hw[0] * hw[1]
     txt = q.shape[1] - n
     if txt < 1 or k.shape[1] != q.shape[1]:
@@ -149,10 +130,9 @@ def _mmdit(capture, dm, q, k, heads, cond_or_uncond) -> None:
     positions = capture.positions(txt, q.device, clip=False)
     latent = n * patch * patch * int(getattr(dm, "out_channels", 16))  # one row's latent: C x H x W
     with torch.no_grad():
-        for c, rows in _rows(q, cond_or_uncond, capture):
-            _add(capture, c, token_attention(q[rows, txt:], k[rows], heads, positions, latent), heads)
-    capture._hw = hw
-    capture.layers_seen += 1
+        for c, rows in capture.concept_rows(q.shape[0], cond_or_uncond):
+            capture.add(c, token_attention(q[rows, txt:], k[rows], heads, positions, latent), heads)
+    capture.layer_done(hw)
 
 
 def _wan_text_call(dm, block: int) -> int:
@@ -207,7 +187,7 @@ def _wan(capture, dm, q, k, heads, opts, cond_or_uncond) -> None:
     patch = tuple(int(p) for p in getattr(dm, "patch_size", (1, 2, 2)))
     if patch[1] != patch[2]:
         return
-    hw = _grid(capture, patch[1])
+    hw = capture.grid(patch[1])
     grid = opts.get("grid_sizes")
     if grid is not None:
         if len(grid) != 3 or (int(grid[1]), int(grid[2])) != hw:
@@ -224,11 +204,10 @@ def _wan(capture, dm, q, k, heads, opts, cond_or_uncond) -> None:
         return
     latent = n * patch[0] * patch[1] * patch[2] * int(getattr(dm, "out_dim", 16))  # one row's latent
     with torch.no_grad():
-        for c, rows in _rows(q, cond_or_uncond, capture):
+        for c, rows in capture.concept_rows(q.shape[0], cond_or_uncond):
             s = torch.cat([token_attention(q[r:r + 1, :n], k[r:r + 1], heads,
                                            _prompt_positions(capture, c, r - rows.start, k[r]), latent)
                            for r in range(rows.start, rows.stop)])  # (B, T' h w)
-            _add(capture, c, s.view(s.shape[0], frames, -1).mean(dim=1), heads)
-    capture._hw = hw
-    capture.layers_seen += 1
+            capture.add(c, s.view(s.shape[0], frames, -1).mean(dim=1), heads)
+    capture.layer_done(hw)
 
