@@ -177,7 +177,7 @@ def fused_token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, position
     `positions`: (B, Q) float32 from q (B, Q, heads*d) and k (B, T, heads*d), or q (B, heads, Q, d)
     and k (B, heads, T, d).
 
-    `token_attention`'s fused way (the default on CUDA): one fused attention with an indicator value
+    `token_attention`'s fused way (the default off the CPU: CUDA and other accelerators): one fused attention with an indicator value
     per head group and query chunk (`_indicator_sum`) on q and k as they are (views, no copy), in
     their dtype: float32 stays float32; with float16 / bfloat16 inputs the fused kernels compute the
     softmax in float32 inside, and only each head's sum is rounded to the inputs' precision before
@@ -213,12 +213,12 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: tor
     one row's latent, C x H x W; see `attention_chunks`): never the (B, heads, Q, T) probabilities
     at once. The caller divides the sum over layers by the number of heads x layers (the mean).
 
-    `fused` (default: on CUDA) computes the same sums with the fused attention kernels instead
+    `fused` (default: on any device but the CPU) computes the same sums with the fused attention kernels instead
     (`fused_token_attention`); where none takes the inputs, the chunks above. Not the default on the
     CPU: its fused kernel needs a value as wide as the queries, so it does twice the products of the
     scores (measured on the CPU: 2 to 2.5 times the time of these chunks, at the same memory bound).
     """
-    if fused if fused is not None else q.device.type == "cuda":
+    if fused if fused is not None else q.device.type != "cpu":
         try:
             return fused_token_attention(q, k, heads, positions, latent)
         except torch.OutOfMemoryError:
@@ -255,13 +255,13 @@ def projected_token_attention(x: torch.Tensor, context: torch.Tensor, q_weight: 
     (heads*d, C_ctx). Neither q nor k of all heads is ever held: per chunk, the queries of its heads
     and positions; per head group, its keys (or, for a latent smaller than one head's keys, none:
     the scores as (q W_k) context^T). The projections run in the inputs' dtype (as the layer runs
-    them), the rest in float32. `fused` (default: on CUDA): the heads' keys (float32) and the queries
+    them), the rest in float32. `fused` (default: on any device but the CPU): the heads' keys (float32) and the queries
     per call are projected the same way, and each call is one fused attention with an indicator value
     (`_indicator_sum`), where one head's keys take less than half the latent."""
     b, nq, _ = x.shape
     d = q_weight.shape[0] // heads
     t_len = context.shape[1]
-    if (fused if fused is not None else x.device.type == "cuda") and (latent is None or t_len * d < latent // 2):
+    if (fused if fused is not None else x.device.type != "cpu") and (latent is None or t_len * d < latent // 2):
         try:
             return _fused_projected(x, context, q_weight, k_weight, heads, positions, latent, q_bias, k_bias)
         except torch.OutOfMemoryError:
