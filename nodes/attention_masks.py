@@ -29,17 +29,19 @@ from ..sega_core.attention import (attention_mask, intersects, projected_token_a
 from .errors import SEGAError
 
 ATTN_KEY = "sega_attention"  # the run's AttentionCapture, in its transformer_options
+OVERRIDE_KINDS = ("mmdit", "wan")  # model_kind()s captured through nodes.attention_override
 _BLOCKS = ("input", "output")  # diffusers' down and up blocks; the middle block is left out
 
 
 class AttentionCapture:
     """The cross-attention maps of one sampling run's concept rows, one evaluation at a time."""
 
-    def __init__(self, diffusion_model: torch.nn.Module, model=None):
+    def __init__(self, diffusion_model: torch.nn.Module, model=None, words: Optional[Dict[int, int]] = None):
         self.diffusion_model = diffusion_model
+        self.kind = model_kind(diffusion_model)
         # diffusers' SDXL pipeline intersects at every step; the transformers (Flux, SD3, Wan) have no
         # reference: at every step too
-        self.always_intersect = _is_sdxl(model) or not _is_unet(diffusion_model)
+        self.always_intersect = _is_sdxl(model) or self.kind != "unet"
         self._index: Dict[int, int] = {}  # cond index in the evaluation -> plan concept
         self._sums: Dict[int, torch.Tensor] = {}  # concept -> (B, h*w) sum over layers and heads
         self._heads: Dict[int, int] = {}  # concept -> layers x heads summed
@@ -47,7 +49,7 @@ class AttentionCapture:
         self._latent = None  # (H, W) of the evaluation's latent: rows of another size (an area's crop) are left out
         self.layers_seen = 0  # layers captured in the last evaluation (for tests)
         self._positions = {}  # (context length, device, clip, words) -> token positions, made once on the device
-        self.words: Dict[int, int] = {}  # concept -> its word tokens, when its mask sums only those (mask_words)
+        self.words = dict(words or {})  # concept -> its word tokens, when its mask sums only those (mask_words)
         self._timestep = None  # a CPU copy of the model's sigma -> timestep conversion, made once
         # Wan (attention_override): (concept, image, key count) -> the prompt's token positions, found once
         # per run; and (transformer_options, block, count) of the last attention call seen
@@ -212,11 +214,8 @@ def check_model(model, plan, where) -> None:
     """A SEGAError naming the first concept that needs an attention map when `model` cannot give one:
     SD-style UNets (SD 1.x, 2.x, SDXL) and Flux through their attention patches, SD3 and Wan through
     the optimized_attention_override (nodes.attention_override) can; no other model is patched."""
-    from . import attention_override
-
     dm = model.model.diffusion_model
-    if (not plan.attention or _is_unet(dm) or _is_flux(dm) or attention_override.is_mmdit(dm)
-            or attention_override.is_wan(dm)):
+    if not plan.attention or model_kind(dm) is not None:
         return
     c = plan.attention[0]
     raise SEGAError(
@@ -229,13 +228,13 @@ def check_model(model, plan, where) -> None:
 def install(model) -> None:
     """Put the capture's patch on a (cloned) ModelPatcher, once: attn2_patch on UNets, Flux's
     attn1_patch on Flux, the optimized_attention_override on SD3 and Wan (nodes.attention_override)."""
-    from . import attention_override
+    kind = model_kind(model.model.diffusion_model)
+    if kind in OVERRIDE_KINDS:
+        from . import attention_override
 
-    if _uses_override(model.model.diffusion_model):
         attention_override.install(model)
         return
-    name, patch = (("attn1_patch", joint_attention_patch) if _is_flux(model.model.diffusion_model)
-                   else ("attn2_patch", attention_patch))
+    name, patch = ("attn1_patch", joint_attention_patch) if kind == "flux" else ("attn2_patch", attention_patch)
     patches = model.model_options.get("transformer_options", {}).get("patches", {}).get(name, [])
     if patch not in patches:
         model.set_model_patch(patch, name)
@@ -244,10 +243,10 @@ def install(model) -> None:
 def start_capture(model_options: dict, model_patcher, mask_words=()) -> AttentionCapture:
     """A fresh AttentionCapture in a sampling run's (cloned) model_options; `mask_words`: the plan's
     (per concept, the word tokens its SD-style UNet mask sums, None for all 75 positions)."""
-    capture = AttentionCapture(model_patcher.model.diffusion_model, model_patcher.model)
-    capture.words = {c: int(w) for c, w in enumerate(mask_words) if w is not None}
+    capture = AttentionCapture(model_patcher.model.diffusion_model, model_patcher.model,
+                               {c: int(w) for c, w in enumerate(mask_words) if w is not None})
     model_options.setdefault("transformer_options", {})[ATTN_KEY] = capture
-    if _uses_override(capture.diffusion_model):
+    if capture.kind in OVERRIDE_KINDS:
         # a node after SEGA's may have set its own override in place of SEGA's: chain it in this run
         from . import attention_override
 
@@ -297,26 +296,20 @@ def _weights(linear, x: torch.Tensor):
     return w, linear.bias
 
 
-def _is_unet(diffusion_model) -> bool:
-    try:
-        import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(diffusion_model, openaimodel.UNetModel)
+def model_kind(diffusion_model) -> Optional[str]:
+    """Which capture a diffusion model takes: "unet" (SD 1.x, 2.x, SDXL: attn2_patch), "flux"
+    (attn1_patch), "mmdit" (SD3) or "wan" (both through the optimized_attention_override,
+    nodes.attention_override); None for any other model (attention masks are refused there)."""
+    import comfy.ldm.flux.model as flux
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.ldm.wan.model as wan
 
-
-def _is_flux(diffusion_model) -> bool:
-    try:
-        import comfy.ldm.flux.model
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(diffusion_model, comfy.ldm.flux.model.Flux)
-
-
-def _uses_override(diffusion_model) -> bool:
-    from . import attention_override
-
-    return attention_override.is_mmdit(diffusion_model) or attention_override.is_wan(diffusion_model)
+    for kind, cls in (("unet", openaimodel.UNetModel), ("flux", flux.Flux), ("mmdit", mmdit.MMDiT),
+                      ("wan", wan.WanModel)):
+        if isinstance(diffusion_model, cls):
+            return kind
+    return None
 
 
 def _is_sdxl(model) -> bool:

@@ -78,22 +78,6 @@ def install(model) -> None:
     chained(model.model_options)
 
 
-def is_mmdit(diffusion_model) -> bool:
-    try:
-        import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(diffusion_model, mmdit.MMDiT)
-
-
-def is_wan(diffusion_model) -> bool:
-    try:
-        import comfy.ldm.wan.model as wan
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(diffusion_model, wan.WanModel)
-
-
 def observe(capture, args: tuple, kwargs: dict) -> None:
     """Adds the concept rows' maps of one optimized_attention call to `capture` (when the call is one
     the family's maps are taken from)."""
@@ -113,9 +97,9 @@ def observe(capture, args: tuple, kwargs: dict) -> None:
     if q.dim() != 3 or k.dim() != 3:
         return
     dm = capture.diffusion_model
-    if is_wan(dm):
+    if capture.kind == "wan":
         _wan(capture, dm, q, k, heads, opts, cond_or_uncond)
-    elif is_mmdit(dm):
+    elif capture.kind == "mmdit":
         _mmdit(capture, dm, q, k, heads, cond_or_uncond)
 
 

@@ -470,7 +470,7 @@ def test_flux_samples_with_attention_masks():
     fam = FAMILIES["flux"]
     model = fam.build()
     am = pack_module("nodes.attention_masks")
-    assert am._is_flux(model.model.diffusion_model)
+    assert am.model_kind(model.model.diffusion_model) == "flux"
     pos, neg, c1 = fam.cond(1), fam.cond(2), fam.cond(3)
     c1 = [[c1[0][0] * 8.0, dict(c1[0][1])]]  # tiny random weights: a larger text gives uneven attention
     patch = pack_module("nodes.patch")
